@@ -42,6 +42,8 @@ class EngineState:
     version: int = 0
     history: list[Event] = field(default_factory=list)
     base_spec: dict[str, Any] | None = None
+    slots: dict[str, str] = field(default_factory=dict)  # slot -> attached module name
+    wrapped: set[str] = field(default_factory=set)  # attached names whose anchor was wrapped
     listeners: list[Callable[[Event], None]] = field(default_factory=list)
 
     def add_listener(self, fn: Callable[[Event], None]) -> None:

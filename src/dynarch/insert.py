@@ -1,0 +1,313 @@
+"""Insert modules into a model: ``deepen`` (identity layers), ``attach``/``detach`` (slots).
+
+New modules are placed right after an *anchor* module. When the anchor's parent is an
+``nn.Sequential`` the new module becomes its sibling under a fresh name (``"1_deep"``,
+``"2_slot"``, …) and no existing name changes; otherwise the anchor is wrapped in an
+``nn.Sequential`` holding it (as ``"0"``) and the new module, which renames the anchor's
+parameters (``fc1.weight`` → ``fc1.0.weight``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+from torch import fx, nn
+
+from ._engine import engine_state, transaction
+from .events import Event
+from .graph import ACTIVATIONS, IDEMPOTENT, UnsupportedModelError, analyse, resolve
+from .nn import Residual
+from .optim import transplant
+
+__all__ = ["attach", "deepen", "detach"]
+
+
+def _split(name: str) -> tuple[str, str]:
+    parent, _, last = name.rpartition(".")
+    return parent, last
+
+
+def _fresh(parent: nn.Module, base: str) -> str:
+    taken = set(parent._modules)
+    name, n = base, 2
+    while name in taken:
+        name, n = f"{base}{n}", n + 1
+    return name
+
+
+def insert_after(
+    model: nn.Module, anchor: str, new: list[tuple[str, nn.Module]]
+) -> tuple[list[str], bool]:
+    """Place ``new`` (``(base name, module)`` pairs) right after ``anchor``.
+
+    Returns their full names and whether the anchor had to be wrapped.
+    """
+    parent_name, last = _split(anchor)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.Sequential):
+        items = list(parent._modules.items())
+        pos = [k for k, _ in items].index(last) + 1
+        names = []
+        for base, module in new:
+            key = _fresh(parent, base)
+            parent._modules[key] = module  # reserve the name
+            names.append(key)
+            items.insert(pos, (key, module))
+            pos += 1
+        parent._modules.clear()
+        parent._modules.update(items)
+        prefix = f"{parent_name}." if parent_name else ""
+        return [prefix + k for k in names], False
+    if anchor == "":
+        raise UnsupportedModelError("cannot insert after the whole model")
+    old = getattr(parent, last)
+    wrapper = nn.Sequential(OrderedDict([("0", old), *new]))
+    setattr(parent, last, wrapper)
+    return [f"{anchor}.{base}" for base, _ in new], True
+
+
+def _anchored(model: nn.Module, new_params: list[nn.Parameter]) -> list[tuple[nn.Parameter, nn.Parameter | None]]:
+    """Each new parameter with the model parameter right before it (for optimizer order)."""
+    fresh = {id(p) for p in new_params}
+    out: list[tuple[nn.Parameter, nn.Parameter | None]] = []
+    prev: nn.Parameter | None = None
+    for p in model.parameters():
+        if id(p) in fresh:
+            out.append((p, prev))
+        prev = p
+    return out
+
+
+def _single_call(calls: dict[str, list[fx.Node]], name: str) -> fx.Node:
+    nodes = calls.get(name, [])
+    if len(nodes) != 1:
+        raise UnsupportedModelError(
+            f"'{name}' is called {len(nodes)} times in forward; dynarch can only insert after a "
+            "module called exactly once"
+        )
+    return nodes[0]
+
+
+def _identity_layer(mod: nn.Module) -> nn.Module:
+    w = mod.weight
+    if isinstance(mod, nn.Linear):
+        layer: nn.Module = nn.Linear(mod.out_features, mod.out_features, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            nn.init.eye_(layer.weight)
+    else:
+        assert isinstance(mod, nn.Conv2d)
+        k = tuple(mod.kernel_size)
+        if any(s % 2 == 0 for s in k):
+            raise ValueError(
+                f"cannot deepen after Conv2d with kernel_size {k}: an identity (Dirac) conv needs odd "
+                "kernel sizes"
+            )
+        c = mod.out_channels
+        layer = nn.Conv2d(c, c, k, padding=(k[0] // 2, k[1] // 2), device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            nn.init.dirac_(layer.weight)
+    with torch.no_grad():
+        layer.bias.zero_()  # type: ignore[union-attr]
+    return layer
+
+
+def deepen(
+    model: nn.Module,
+    after: str,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    init: str = "identity",
+    reason: str = "",
+    record: bool = True,
+) -> Event:
+    """Insert a new layer of the same kind as ``after`` consuming its output, as identity.
+
+    The insertion point follows ``after`` through BatchNorm to its activation when an
+    activation module follows (called once). The new layer is a square ``Linear`` (identity
+    weights, zero bias) or a ``Conv2d`` with the same odd kernel, "same" padding and a Dirac
+    kernel. When the activation is ReLU-like (``a(a(x)) == a(x)``) a copy of it follows the
+    new layer, so the network really gets deeper and the function is unchanged; other
+    activations are not repeated (a second one would change the function).
+
+    The new parameters join the optimizer group of the parameter before them in the model.
+
+    Example:
+        >>> import torch, torch.nn as nn, dynarch
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> x = torch.randn(3, 4); before = model(x)
+        >>> event = dynarch.deepen(model, "0")
+        >>> [type(m).__name__ for m in model]
+        ['Linear', 'ReLU', 'Linear', 'ReLU', 'Linear']
+        >>> torch.equal(model(x), before)
+        True
+    """
+    if init != "identity":
+        raise ValueError(
+            f"unknown init '{init}' for deepen; allowed: identity (for a zero-initialised residual "
+            "branch use dynarch.attach)"
+        )
+    mod = resolve(model, after, (nn.Linear, nn.Conv2d))
+    graph = analyse(model)
+    node = _single_call(graph.calls, after)
+    anchor, act = after, None
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op != "call_module" or len(graph.calls.get(str(user.target), [])) != 1:
+            break
+        m = graph.modules[str(user.target)]
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            anchor, node = str(user.target), user
+            continue
+        if isinstance(m, ACTIVATIONS):
+            anchor, act = str(user.target), m
+        break
+    layer = _identity_layer(mod)
+    base = _split(anchor)[1] + "_deep"
+    new: list[tuple[str, nn.Module]] = [(base, layer)]
+    if act is not None and isinstance(act, IDEMPOTENT):
+        new.append((base + "_act", copy.deepcopy(act)))
+    with transaction(model, "deepen", after, reason=reason, record=record) as tx:
+        names, _ = insert_after(model, anchor, new)
+        transplant(optimizer, added=_anchored(model, list(layer.parameters())))
+        tx.details = {
+            "anchor": anchor,
+            "inserted": names,
+            "kind": type(layer).__name__,
+            "activation": type(act).__name__ if act is not None and len(new) > 1 else None,
+        }
+        tx.replay = {"after": after}
+    assert tx.event is not None
+    return tx.event
+
+
+def _slot_anchor(model: nn.Module, slot: str) -> str:
+    name = slot.removeprefix("after:")
+    try:
+        resolve(model, name)
+    except KeyError as exc:
+        raise KeyError(
+            f"unknown slot '{slot}': a slot is 'after:<module name>' naming a module of the model "
+            f"({exc.args[0]})"
+        ) from None
+    return name
+
+
+def attach(
+    model: nn.Module,
+    slot: str,
+    module: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    alpha: float = 0.0,
+    trainable_alpha: bool = True,
+    reason: str = "",
+    record: bool = True,
+) -> Event:
+    """Attach ``module`` at ``slot`` as a residual branch ``x + alpha * module(x)``.
+
+    ``slot`` is ``"after:<module name>"`` (or just the module name): the branch reads that
+    module's output. ``alpha`` is a 0-dim parameter starting at 0 by default, so the function
+    is unchanged; ``module`` must map its input to the same shape. The new parameters (the
+    module's and ``alpha``) join the optimizer group of the parameter before them.
+
+    Example:
+        >>> import torch, torch.nn as nn, dynarch
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = dynarch.attach(model, "after:1", nn.Linear(8, 8))
+        >>> type(model[2]).__name__
+        'Residual'
+    """
+    anchor = _slot_anchor(model, slot)
+    st = engine_state(model)
+    if slot in st.slots:
+        raise ValueError(f"slot '{slot}' is occupied by '{st.slots[slot]}'; detach it first")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    ref = next(model.parameters(), None)
+    if ref is not None:
+        module = module.to(ref.device)
+    _check_shape(model.get_submodule(anchor), module, slot)
+    wrapper = Residual(module, alpha=alpha, trainable_alpha=trainable_alpha)
+    if ref is not None:
+        wrapper = wrapper.to(ref.device)
+    from .spec import describe
+
+    with transaction(model, "attach", slot, reason=reason, record=record) as tx:
+        (name,), wrapped = insert_after(model, anchor, [(_split(anchor)[1] + "_slot", wrapper)])
+        transplant(optimizer, added=_anchored(model, list(wrapper.parameters())))
+        st.slots[slot] = name
+        if wrapped:
+            st.wrapped.add(name)
+        tx.details = {"module": name, "alpha": float(alpha), "type": type(module).__name__}
+        tx.replay = {"slot": slot, "module": describe(module), "alpha": float(alpha),
+                     "trainable_alpha": trainable_alpha}  # fmt: skip
+    assert tx.event is not None
+    return tx.event
+
+
+def _check_shape(anchor: nn.Module, module: nn.Module, slot: str) -> None:
+    width = getattr(anchor, "out_features", None)
+    if width is None:
+        return
+    probe = torch.zeros(2, width, device=next(anchor.parameters()).device)
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            out = module(probe)
+    except Exception as exc:
+        raise ValueError(f"module cannot read the output of slot '{slot}' (width {width}): {exc}") from exc
+    finally:
+        module.train(was)
+    if tuple(out.shape) != tuple(probe.shape):
+        raise ValueError(
+            f"module attached at '{slot}' maps width {width} to shape {tuple(out.shape)[1:]}; "
+            "it must return its input's shape"
+        )
+
+
+def detach(
+    model: nn.Module,
+    slot: str,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    reason: str = "",
+    record: bool = True,
+) -> Event:
+    """Remove the module attached at ``slot`` (its parameters leave the optimizer too).
+
+    The function changes by ``alpha * module(x)`` (nothing when ``alpha`` is still 0).
+
+    Example:
+        >>> import torch.nn as nn, dynarch
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> _ = dynarch.attach(model, "after:1", nn.Linear(8, 8))
+        >>> _ = dynarch.detach(model, "after:1")
+        >>> len(model)
+        3
+    """
+    st = engine_state(model)
+    if slot not in st.slots:
+        occupied = sorted(st.slots) or "none"
+        raise KeyError(f"nothing is attached at slot '{slot}'; occupied slots: {occupied}")
+    name = st.slots[slot]
+    parent_name, last = _split(name)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    wrapper = getattr(parent, last)
+    with transaction(model, "detach", slot, reason=reason, record=record) as tx:
+        params = list(wrapper.parameters())
+        if name not in st.wrapped:
+            del parent._modules[last]
+        else:  # undo the wrapper made by insert_after
+            grand_name, plast = _split(parent_name)
+            grand = model.get_submodule(grand_name) if grand_name else model
+            setattr(grand, plast, parent._modules["0"])
+        transplant(optimizer, removed=params)
+        del st.slots[slot]
+        st.wrapped.discard(name)
+        tx.details = {"module": name}
+        tx.replay = {"slot": slot}
+    assert tx.event is not None
+    return tx.event
