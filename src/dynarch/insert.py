@@ -232,7 +232,7 @@ def attach(
     wrapper = Residual(module, alpha=alpha, trainable_alpha=trainable_alpha)
     if ref is not None:
         wrapper = wrapper.to(ref.device)
-    from .spec import describe
+    from .spec import class_path, describe
 
     with transaction(model, "attach", slot, reason=reason, record=record) as tx:
         (name,), wrapped = insert_after(model, anchor, [(_split(anchor)[1] + "_slot", wrapper)])
@@ -241,7 +241,8 @@ def attach(
         if wrapped:
             st.wrapped.add(name)
         tx.details = {"module": name, "alpha": float(alpha), "type": type(module).__name__}
-        tx.replay = {"slot": slot, "module": describe(module), "alpha": float(alpha),
+        spec = describe(module) or {"class": class_path(module)}
+        tx.replay = {"slot": slot, "module": spec, "alpha": float(alpha),
                      "trainable_alpha": trainable_alpha}  # fmt: skip
     assert tx.event is not None
     return tx.event

@@ -1,0 +1,371 @@
+"""Checkpoints as data: a replayable architecture, safetensors weights, tensor-only state.
+
+A checkpoint is a directory, written atomically (temporary directory, fsync, ``os.replace``)::
+
+    arch.json          format, version, base architecture, ordered structural events,
+                       engine state, SHA-256 and size of every other file
+    model.safetensors  weights, buffers and masks
+    optimizer.pt       optimizer state dict (params in model order, with their names)
+    state.pt           step, RNG states (torch/CUDA/NumPy/Python), engine generator, user state
+
+``optimizer.pt`` and ``state.pt`` load with ``torch.load(weights_only=True)``; nothing is
+pickled. :func:`load` rebuilds the base model (from its JSON spec, or from the class you
+pass for a custom model), replays the structural events, then loads the weights strictly.
+
+Example:
+    >>> import tempfile, torch, torch.nn as nn, dynarch
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> _ = dynarch.widen(model, "0", 16)
+    >>> path = dynarch.save(tempfile.mkdtemp() + "/ckpt", model, epoch=3)
+    >>> ckpt = dynarch.load(path)
+    >>> ckpt.model[0].out_features, ckpt.state["epoch"]
+    (16, 3)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ._engine import engine_state
+from .events import Event
+from .rng import capture_rng, restore_rng
+from .spec import build, class_path, describe_model
+
+__all__ = ["Checkpoint", "CheckpointError", "load", "register_replay", "save"]
+
+FORMAT = "dynarch-checkpoint"
+VERSION = 1
+FILES = ("model.safetensors", "optimizer.pt", "state.pt")
+
+ReplayFn = Callable[[nn.Module, dict[str, Any], dict[str, type[nn.Module]]], None]
+_REPLAY: dict[str, ReplayFn] = {}
+_BUILTINS_REGISTERED = False
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, truncated, foreign or does not fit the model."""
+
+
+def register_replay(op: str) -> Callable[[ReplayFn], ReplayFn]:
+    """Register how to rebuild the structure of events of kind ``op`` (decorator)."""
+
+    def deco(fn: ReplayFn) -> ReplayFn:
+        _REPLAY[op] = fn
+        return fn
+
+    return deco
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+
+
+def _check_state_values(value: Any, key: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str | int):
+                raise TypeError(f"state '{key}' has a key of type {type(k).__name__}; use str or int keys")
+            _check_state_values(v, f"{key}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_state_values(v, f"{key}[{i}]")
+    elif not isinstance(value, torch.Tensor | str | int | float | bool | type(None)):
+        raise TypeError(
+            f"state '{key}' is a {type(value).__name__}; checkpoints hold only tensors, numbers, "
+            "strings, None, lists and dicts (no pickled objects)"
+        )
+
+
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with each group's params in model order, plus their names."""
+    order = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters())}
+    sd = optimizer.state_dict()
+    new_groups, new_state, counter = [], {}, 0
+    for group, live in zip(sd["param_groups"], optimizer.param_groups, strict=True):
+        pairs = list(zip(group["params"], live["params"], strict=True))
+        for _, p in pairs:
+            if id(p) not in order:
+                raise CheckpointError(
+                    f"optimizer holds a parameter of shape {tuple(p.shape)} that the model does not have"
+                )
+        pairs.sort(key=lambda pair: order[id(pair[1])][0])
+        ids, names = [], []
+        for old_id, p in pairs:
+            ids.append(counter)
+            names.append(order[id(p)][1])
+            if old_id in sd["state"]:
+                new_state[counter] = sd["state"][old_id]
+            counter += 1
+        new_groups.append({**group, "params": ids, "param_names": names})
+    return {"state": new_state, "param_groups": new_groups}
+
+
+def save(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+         **state: Any) -> Path:  # fmt: skip
+    """Write a checkpoint directory at ``path`` atomically; returns the path.
+
+    ``state`` holds extra values (tensors, numbers, strings, lists, dicts) returned by
+    :func:`load` as ``.state``; RNG states and the engine's step and generator are saved too.
+    An existing checkpoint at ``path`` is replaced only once the new one is complete.
+    """
+    for key, value in state.items():
+        _check_state_values(value, key)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    st = engine_state(model)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for key, value in model.state_dict(keep_vars=False).items():
+            t = value.detach().cpu().contiguous()
+            if t.data_ptr() in seen and t.numel():
+                t = t.clone()
+            seen.add(t.data_ptr())
+            tensors[key] = t
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        opt_state = _optimizer_state(model, optimizer) if optimizer is not None else {}
+        torch.save(opt_state, tmp / "optimizer.pt")
+        torch.save(
+            {"step": st.step, "rng": capture_rng(), "engine_generator": st.generator.get_state(),
+             "user": state},
+            tmp / "state.pt",
+        )  # fmt: skip
+        for name in FILES:
+            with open(tmp / name, "rb+") as fh:
+                os.fsync(fh.fileno())
+        arch = {
+            "format": FORMAT,
+            "version": VERSION,
+            "base": st.base_spec or describe_model(model),
+            "events": [e.to_dict() for e in st.history],
+            "engine": {"seed": st.seed, "step": st.step},
+            "model_class": class_path(model),
+            "optimizer_class": class_path(optimizer) if optimizer is not None else None,
+            "files": {name: _digest(tmp / name) for name in FILES},
+        }
+        _fsync_write(tmp / "arch.json", json.dumps(arch, indent=1).encode())
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load` returns."""
+
+    model: nn.Module
+    optimizer_state: dict[str, Any]
+    state: dict[str, Any]
+    step: int
+    rng: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+
+    def restore_rng(self) -> None:
+        """Put the global RNGs back where they were at save time (for exact resume)."""
+        restore_rng(self.rng)
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Load the saved state into ``optimizer`` (built on ``self.model``'s parameters in
+        model order), checking the parameter names line up; returns it."""
+        if not self.optimizer_state:
+            raise CheckpointError("this checkpoint was saved without an optimizer")
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for gi, (saved, live) in enumerate(
+            zip(self.optimizer_state["param_groups"], optimizer.param_groups, strict=False)
+        ):
+            have = [names.get(id(p), "?") for p in live["params"]]
+            if have != saved["param_names"]:
+                raise CheckpointError(
+                    f"optimizer group {gi} holds {have[:4]}… but the checkpoint saved "
+                    f"{saved['param_names'][:4]}…; build it on the loaded model's parameters in order"
+                )
+        optimizer.load_state_dict(self.optimizer_state)
+        return optimizer
+
+
+def _read_arch(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint directory at '{path}'")
+    arch_file = path / "arch.json"
+    if not arch_file.is_file():
+        raise CheckpointError(f"'{path}' is not a dynarch checkpoint: arch.json is missing")
+    try:
+        arch = json.loads(arch_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"'{arch_file}' is damaged: {exc}") from None
+    if not isinstance(arch, dict) or arch.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not a dynarch checkpoint (format is not '{FORMAT}')")
+    if arch.get("version") != VERSION:
+        raise CheckpointError(
+            f"'{path}' has checkpoint format version {arch.get('version')!r}; this dynarch reads {VERSION}"
+        )
+    for name in FILES:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint '{path}' is incomplete: {name} is missing")
+        expected = arch.get("files", {}).get(name)
+        actual = _digest(file)
+        if expected != actual:
+            raise CheckpointError(
+                f"checkpoint file '{file}' is damaged or truncated: expected {expected}, found {actual}"
+            )
+    return arch
+
+
+def _base_model(arch: dict[str, Any], model: type[nn.Module] | Callable[[], nn.Module] | nn.Module | None) -> nn.Module:
+    base = arch["base"]
+    if base.get("kind") == "spec":
+        return build(base["module"])
+    wanted = base.get("class", "?")
+    if model is None:
+        raise CheckpointError(
+            f"this checkpoint was made from the custom class '{wanted}'; pass it: "
+            f"dynarch.load(path, model={wanted.rsplit('.', 1)[-1]}) (the class, a factory or a fresh instance)"
+        )
+    if isinstance(model, nn.Module):
+        instance = copy.deepcopy(model)
+    else:
+        instance = model()
+    if class_path(instance) != wanted:
+        raise CheckpointError(f"checkpoint was made from '{wanted}', but the model given is '{class_path(instance)}'")
+    return instance
+
+
+def load(
+    path: str | os.PathLike[str],
+    model: type[nn.Module] | Callable[[], nn.Module] | nn.Module | None = None,
+    *,
+    modules: dict[str, type[nn.Module]] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Load a checkpoint written by :func:`save`.
+
+    Args:
+        path: the checkpoint directory.
+        model: for a custom model class, the class (called with no arguments), a factory, or a
+            freshly constructed instance (copied; never modified). Standard-layer models need none.
+        modules: classes of custom modules that were attached, by ``module.QualName``.
+        map_location: device for the loaded tensors.
+
+    Raises:
+        CheckpointError: missing, damaged, truncated or foreign checkpoint, or a model that does
+            not match it. Nothing is partially loaded.
+    """
+    path = Path(path)
+    arch = _read_arch(path)
+    net = _base_model(arch, model)
+    try:
+        events = [Event.from_dict(e) for e in arch["events"]]
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"'{path}/arch.json' holds a malformed event: {exc}") from None
+    st = engine_state(net)
+    st.seed = int(arch["engine"]["seed"])
+    _ensure_replays()
+    for event in events:
+        if not event.replay:
+            continue
+        fn = _REPLAY.get(event.op)
+        if fn is None:
+            raise CheckpointError(f"checkpoint holds a '{event.op}' event this dynarch cannot rebuild")
+        try:
+            fn(net, event.replay, modules or {})
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"cannot replay event {event.summary()!r}: {exc}") from exc
+    try:
+        tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
+        user = torch.load(path / "state.pt", weights_only=True, map_location=map_location)
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location=map_location)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint '{path}' cannot be read: {exc}") from exc
+    own = net.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit the rebuilt model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}"
+        )
+    net.load_state_dict(tensors, strict=True)
+    net.to(map_location)
+    st.history = events
+    st.step = int(user["step"])
+    st.base_spec = arch["base"]
+    st.generator.set_state(user["engine_generator"])
+    st.version += 1
+    return Checkpoint(net, opt_state, dict(user["user"]), st.step, user["rng"], events)
+
+
+def _ensure_replays() -> None:
+    """Register the built-in ops' replays (deferred to avoid import cycles)."""
+    global _BUILTINS_REGISTERED
+    if _BUILTINS_REGISTERED:
+        return
+    _BUILTINS_REGISTERED = True
+    from . import insert, masks, surgery
+    from .spec import build as build_spec
+
+    register_replay("widen")(lambda m, a, _: surgery.replay_resize(m, a))
+    register_replay("shrink")(lambda m, a, _: surgery.replay_resize(m, a))
+    register_replay("deepen")(lambda m, a, _: (insert.deepen(m, a["after"], record=False), None)[1])
+    register_replay("detach")(lambda m, a, _: (insert.detach(m, a["slot"], record=False), None)[1])
+    register_replay("sparsify")(lambda m, a, _: masks.replay(m, a))
+
+    @register_replay("attach")
+    def _attach(m: nn.Module, a: dict[str, Any], mods: dict[str, type[nn.Module]]) -> None:
+        spec = a["module"]
+        if "type" in spec:
+            module = build_spec(spec)
+        elif spec["class"] in mods:
+            module = mods[spec["class"]]()
+        else:
+            raise ValueError(
+                f"a custom module '{spec['class']}' was attached; pass "
+                f"modules={{'{spec['class']}': <the class>}} to dynarch.load"
+            )
+        insert.attach(m, a["slot"], module, alpha=a["alpha"], trainable_alpha=a["trainable_alpha"],
+                      record=False)  # fmt: skip
