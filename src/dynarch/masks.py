@@ -1,0 +1,466 @@
+"""Weight masks: the foundation of dynamic sparse training.
+
+A *masked layer* is an ``nn.Linear`` or ``nn.Conv2d`` holding a persistent ``torch.bool``
+buffer ``weight_mask`` shaped like its ``weight``. Masked weights are kept exactly zero in
+``weight`` itself (the forward uses ``weight`` directly, so dense gradients stay available
+to algorithms such as RigL); biases are never masked. Once created, a mask is only ever
+updated in place, so references to it and ``torch.compile`` graphs stay valid.
+
+    >>> from dynarch.masks import sparsify, layer_density
+    >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> event = sparsify(model, 0.5, distribution="uniform")
+    >>> layer_density(model)
+    {'0': 0.5, '2': 0.5}
+
+Per-layer budgets (:func:`layer_budgets`) are exact integers: the total is
+``T = round(density * total)`` and layer ``l`` gets ``T * w_l / sum(w)`` weights (uniform:
+``w_l = numel``; ER: ``(n_out + n_in) * kernel_numel``; ERK: ``sum(shape)``), computed in exact
+integer arithmetic. A layer whose share would exceed its size is made dense and the rest
+re-solved. Fractional shares are rounded by the largest-remainder method (ties to the layer
+that comes first), so each layer gets the floor or the ceiling of its share and the counts
+add up to exactly ``T``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
+from math import prod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._engine import engine_state, transaction
+from .events import Event
+
+__all__ = [
+    "DISTRIBUTIONS", "SCORES", "MaskEnforcer", "apply_masks", "enforce", "get_enforcer",
+    "global_density", "is_sparse", "layer_budgets", "layer_density", "masked_modules",
+    "replay", "sparsify",
+]  # fmt: skip
+
+DISTRIBUTIONS = ("uniform", "er", "erk")
+SCORES = ("magnitude", "random")
+MASK = "weight_mask"
+_CACHE = "_dynarch_masked_modules"
+_REGISTRY = "_dynarch_mask_enforcers"
+_LAYER_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def _check_density(density: object) -> float:
+    if isinstance(density, bool) or not isinstance(density, int | float) or not 0 < density <= 1:
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    return float(density)
+
+
+def _check_choice(kind: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _weights(shapes: Mapping[str, tuple[int, ...]], distribution: str) -> dict[str, int]:
+    """Integer weight ``w_l`` with layer density proportional to ``w_l / numel_l``."""
+    if distribution == "uniform":
+        return {k: prod(s) for k, s in shapes.items()}
+    if distribution == "er":
+        return {k: (s[0] + s[1]) * prod(s[2:]) for k, s in shapes.items()}
+    return {k: sum(s) for k, s in shapes.items()}
+
+
+def _apportion(sizes: dict[str, int], weights: dict[str, int], total: int) -> dict[str, int]:
+    """Split ``total`` active weights over layers in proportion to ``weights`` (exact)."""
+    dense: set[str] = set()
+    while True:
+        rest = total - sum(sizes[k] for k in dense)
+        free = [k for k in sizes if k not in dense]
+        divisor = sum(weights[k] for k in free)
+        # share_l = rest * w_l / divisor; a share above the layer's size makes it dense.
+        over = {k for k in free if rest * weights[k] > divisor * sizes[k]}
+        if not over:
+            break
+        dense |= over
+    budgets = {k: sizes[k] for k in dense}
+    remainders: list[tuple[int, int, str]] = []
+    for i, k in enumerate(free):
+        budgets[k], rem = divmod(rest * weights[k], divisor)
+        remainders.append((-rem, i, k))
+    extra = total - sum(budgets.values())
+    for _, _, k in sorted(remainders)[:extra]:
+        budgets[k] += 1
+    return {k: budgets[k] for k in sizes}
+
+
+def _min_density(sizes: dict[str, int], weights: dict[str, int], failing: int) -> float:
+    """A density at which every layer gets >= 1 weight (bisection on the total count)."""
+    n = sum(sizes.values())
+    lo, hi = failing, n  # lo fails, hi (all dense) works
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if min(_apportion(sizes, weights, mid).values()) >= 1:
+            hi = mid
+        else:
+            lo = mid
+    short = (float(f"{hi / n:.{d}g}") for d in range(3, 18))  # shortest that rounds to hi
+    return next((d for d in short if round(d * n) == hi), hi / n)
+
+
+def layer_budgets(
+    shapes: Mapping[str, tuple[int, ...]], density: float, distribution: str
+) -> dict[str, int]:
+    """Exact number of active weights per layer for a target ``density`` (pure function).
+
+    ``shapes`` maps layer names to weight shapes ``(out, in, *kernel)``. The counts add up to
+    ``round(density * total)`` (see the module docstring for the rounding); a layer that
+    would get no weight at all is an error naming the smallest density that works.
+
+    Example:
+        >>> layer_budgets({"a": (8, 4), "b": (2, 8), "c": (4, 2, 3, 3)}, 0.5, "erk")
+        {'a': 22, 'b': 16, 'c': 22}
+    """
+    density = _check_density(density)
+    _check_choice("distribution", distribution, DISTRIBUTIONS)
+    if not shapes:
+        raise ValueError("shapes is empty: give at least one layer {name: weight shape}")
+    for name, shape in shapes.items():
+        dims = tuple(shape) if isinstance(shape, tuple | list | torch.Size) else ()
+        if len(dims) < 2 or not all(isinstance(d, int) and d > 0 for d in dims):
+            raise ValueError(
+                f"shape of layer {name!r} must be a tuple of at least 2 positive ints "
+                f"(out, in, *kernel), got {shape!r}"
+            )
+    sizes = {k: prod(s) for k, s in shapes.items()}
+    weights = _weights({k: tuple(s) for k, s in shapes.items()}, distribution)
+    total = round(density * sum(sizes.values()))
+    budgets = _apportion(sizes, weights, total)
+    for name, k in budgets.items():
+        if k == 0:
+            raise ValueError(
+                f"layer {name!r} ({sizes[name]} weights, shape {tuple(shapes[name])}) would get "
+                f"0 active weights at density {density!r} with distribution {distribution!r}; "
+                f"the minimal density that works is {_min_density(sizes, weights, total)!r}"
+            )
+    return budgets
+
+
+def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules of ``model`` holding a ``weight_mask`` buffer, by fully-qualified name.
+
+    Cached on the engine's structure version (every structural change bumps it).
+
+    Example:
+        >>> masked_modules(nn.Sequential(nn.Linear(2, 2)))
+        {}
+    """
+    version = engine_state(model).version
+    cached = model.__dict__.get(_CACHE)
+    if cached is not None and cached[0] == id(model) and cached[1] == version:
+        return dict(cached[2])
+    found = {n: m for n, m in model.named_modules() if m._buffers.get(MASK) is not None}
+    model.__dict__[_CACHE] = (id(model), version, found)
+    return dict(found)
+
+
+def _weight(module: nn.Module) -> Tensor:
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight
+
+
+def _mask(module: nn.Module) -> Tensor:
+    mask = module._buffers[MASK]
+    assert mask is not None
+    return mask
+
+
+def _pairs(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    return [(_weight(m), _mask(m)) for m in masked_modules(model).values()]
+
+
+def apply_masks(model: nn.Module) -> None:
+    """Zero every masked weight of ``model`` now (one batched multiply).
+
+    Example:
+        >>> apply_masks(nn.Linear(2, 2))  # no masks: nothing to do
+    """
+    pairs = _pairs(model)
+    if pairs:
+        with torch.no_grad():
+            torch._foreach_mul_([w for w, _ in pairs], [m for _, m in pairs])
+
+
+def _counts(model: nn.Module) -> tuple[list[str], list[int], list[int]]:
+    mods = masked_modules(model)
+    if not mods:
+        return [], [], []
+    masks = [_mask(m) for m in mods.values()]
+    sums = [mask.sum() for mask in masks]  # one host sync for all layers below
+    active = torch.stack([x.to(sums[0].device) for x in sums]).tolist()
+    return list(mods), active, [mask.numel() for mask in masks]
+
+
+def layer_density(model: nn.Module) -> dict[str, float]:
+    """Active fraction (active / total weights) of each masked layer.
+
+    Example:
+        >>> layer_density(nn.Linear(2, 2))
+        {}
+    """
+    names, active, total = _counts(model)
+    return {n: a / t for n, a, t in zip(names, active, total)}
+
+
+def global_density(model: nn.Module) -> float:
+    """Active fraction over all masked layers together (1.0 when no layer is masked).
+
+    Example:
+        >>> global_density(nn.Linear(2, 2))
+        1.0
+    """
+    _, active, total = _counts(model)
+    return sum(active) / sum(total) if total else 1.0
+
+
+def is_sparse(model: nn.Module) -> bool:
+    """Whether ``model`` has at least one masked layer.
+
+    Example:
+        >>> is_sparse(nn.Linear(2, 2))
+        False
+    """
+    return bool(masked_modules(model))
+
+
+def _patterns(kind: str, patterns: Sequence[str] | None) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        raise TypeError(
+            f"{kind} must be a list of fnmatch patterns, got the string {patterns!r}; "
+            f"write [{patterns!r}]"
+        )
+    return list(patterns)
+
+
+def _select_layers(
+    model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> dict[str, nn.Module]:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES)}
+    inc, exc = _patterns("include", include), _patterns("exclude", exclude)
+    for kind, pats in (("include", inc), ("exclude", exc)):
+        for p in pats:
+            if not any(fnmatchcase(n, p) for n in layers):
+                raise ValueError(
+                    f"{kind} pattern {p!r} matches no Linear/Conv2d module; "
+                    f"available: {sorted(layers)}"
+                )
+    chosen: dict[str, nn.Module] = {
+        n: m
+        for n, m in layers.items()
+        if (include is None or any(fnmatchcase(n, p) for p in inc))
+        and not any(fnmatchcase(n, p) for p in exc)
+    }
+    if not chosen:
+        raise ValueError(
+            "no Linear/Conv2d layer left to sparsify (the model has none, or include/exclude "
+            f"removed them all); Linear/Conv2d modules: {sorted(layers)}"
+        )
+    owner: dict[int, str] = {}
+    for n, m in chosen.items():
+        if isinstance(m.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"layer {n!r} has an uninitialised (lazy) weight; run one forward pass first"
+            )
+        first = owner.setdefault(id(m.weight), n)
+        if first != n:
+            raise ValueError(
+                f"layers {first!r} and {n!r} share one weight tensor; exclude one of them"
+            )
+        mask = m._buffers.get(MASK)
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != m.weight.shape):
+            raise ValueError(
+                f"layer {n!r} has a weight_mask of dtype {mask.dtype} and shape "
+                f"{tuple(mask.shape)} but its weight has shape {tuple(_weight(m).shape)}; "
+                "a mask must be a torch.bool tensor shaped like the weight"
+            )
+    return chosen
+
+
+def _choose(
+    weight: Tensor, mask: Tensor | None, k: int, score: str, gen: torch.Generator
+) -> Tensor:
+    """Flat bool mask with exactly ``k`` True: currently active positions rank first, then
+    the score (|w| or none); ties at the k-th value are broken by seeded uniform draws."""
+    flat = weight.detach().reshape(-1)
+    if score == "magnitude":
+        keys = flat.abs().float()
+        keys = keys if mask is None else torch.where(mask.reshape(-1), keys, -1.0)
+    else:
+        keys = torch.ones_like(flat, dtype=torch.float32) if mask is None else mask.reshape(-1)
+        keys = keys.float()
+    draws = torch.rand(flat.numel(), generator=gen, dtype=torch.float64).to(flat.device)
+    kth = torch.topk(keys, k, sorted=False).values.min()
+    # 2 above the k-th value (all kept), 1 tied with it (kept by draw), 0 below.
+    tier = (keys > kth).double() + (keys >= kth).double()
+    keep = torch.topk(tier + draws, k, sorted=False).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(0, keep, True)
+
+
+def sparsify(
+    model: nn.Module,
+    density: float,
+    *,
+    distribution: str = "erk",
+    optimizer: torch.optim.Optimizer | None = None,
+    score: str = "magnitude",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    reason: str = "",
+) -> Event:
+    """Mask the Linear/Conv2d weights of ``model`` down to ``density`` (one recorded event).
+
+    ``score="magnitude"`` keeps the largest ``|w|``, ``"random"`` a random subset; both use
+    the engine generator for ties / draws. A layer that is already masked is updated in
+    place and never un-pruned when its density is lowered. Masked weights are zeroed; with
+    ``optimizer`` the masks are also enforced after every step (:func:`enforce`).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> sparsify(model, 0.25, distribution="er").details["2"]
+        {'density': 0.34375, 'active': 22, 'total': 64}
+    """
+    density = _check_density(density)
+    _check_choice("distribution", distribution, DISTRIBUTIONS)
+    _check_choice("score", score, SCORES)
+    layers = _select_layers(model, include, exclude)
+    shapes = {n: tuple(_weight(m).shape) for n, m in layers.items()}
+    budgets = layer_budgets(shapes, density, distribution)
+    gen = engine_state(model).generator
+    with transaction(model, "sparsify", "*", reason=reason) as tx:
+        for name, module in layers.items():
+            weight, old = _weight(module), module._buffers.get(MASK)
+            new = _choose(weight, old, budgets[name], score, gen).view(weight.shape)
+            if old is None:
+                module.register_buffer(MASK, new, persistent=True)
+            else:
+                old.copy_(new)
+            with torch.no_grad():
+                weight.mul_(_mask(module))
+            k, n = budgets[name], weight.numel()
+            tx.details[name] = {"density": k / n, "active": k, "total": n}
+        tx.replay = {"layers": list(layers), "density": density, "distribution": distribution}
+    if optimizer is not None:
+        enforce(model, optimizer)
+    assert tx.event is not None
+    return tx.event
+
+
+class MaskEnforcer:
+    """Optimizer step post-hook keeping masked weights and their state exactly zero.
+
+    After every ``optimizer.step()`` each masked weight, and each optimizer-state tensor of
+    it with the weight's shape (momentum, Adam moments, …), is multiplied by its mask.
+    Gradients stay dense. Create it with :func:`enforce`; :meth:`remove` detaches it.
+
+    Example:
+        >>> model = nn.Linear(4, 4)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> _ = sparsify(model, 0.5, optimizer=opt)
+        >>> get_enforcer(model, opt).remove()
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._model = weakref.ref(model)
+        self._optimizer = weakref.ref(optimizer)
+        self._handle = optimizer.register_step_post_hook(self._hook)
+
+    def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.apply()
+
+    def apply(self) -> None:
+        """Multiply masked weights and their same-shaped optimizer state by the masks now."""
+        model, optimizer = self._model(), self._optimizer()
+        if model is None or optimizer is None:
+            return
+        tensors: list[Tensor] = []
+        masks: list[Tensor] = []
+        for weight, mask in _pairs(model):
+            state = optimizer.state.get(weight, {}).values()
+            same = [v for v in state if isinstance(v, Tensor) and v.shape == weight.shape]
+            found = [weight, *(v for v in same if v.is_floating_point() or v.is_complex())]
+            tensors += found
+            masks += [mask] * len(found)
+        if tensors:
+            with torch.no_grad():
+                torch._foreach_mul_(tensors, masks)
+
+    def remove(self) -> None:
+        """Detach the hook; :func:`enforce` may register a new one afterwards."""
+        self._handle.remove()
+        model, optimizer = self._model(), self._optimizer()
+        if model is not None and optimizer is not None:
+            registry = optimizer.__dict__.get(_REGISTRY, {})
+            if registry.get(model) is self:
+                del registry[model]
+
+
+def get_enforcer(model: nn.Module, optimizer: torch.optim.Optimizer) -> MaskEnforcer | None:
+    """The :class:`MaskEnforcer` registered for ``(model, optimizer)``, if any.
+
+    Example:
+        >>> m = nn.Linear(2, 2)
+        >>> get_enforcer(m, torch.optim.SGD(m.parameters(), lr=0.1)) is None
+        True
+    """
+    found: MaskEnforcer | None = optimizer.__dict__.get(_REGISTRY, {}).get(model)
+    return found
+
+
+def enforce(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Keep ``model``'s masks enforced after every step of ``optimizer``; apply them now.
+
+    Registers the hook once per ``(model, optimizer)`` pair (later calls only re-apply).
+
+    Example:
+        >>> model = nn.Linear(4, 4)
+        >>> opt = torch.optim.Adam(model.parameters())
+        >>> _ = sparsify(model, 0.5)
+        >>> enforce(model, opt)
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    registry = optimizer.__dict__.setdefault(_REGISTRY, weakref.WeakKeyDictionary())
+    enforcer = registry.get(model)
+    if enforcer is None:
+        enforcer = registry[model] = MaskEnforcer(model, optimizer)
+    enforcer.apply()
+
+
+def replay(model: nn.Module, args: dict[str, Any]) -> None:
+    """Re-create the mask buffers of a recorded ``sparsify`` (values come from a checkpoint).
+
+    Missing ``weight_mask`` buffers are created all True on the named layers; no event is
+    recorded and the engine generator is not consumed.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2))
+        >>> replay(model, {"layers": ["0"], "density": 0.5, "distribution": "erk"})
+        >>> is_sparse(model)
+        True
+    """
+    layers = args.get("layers") if isinstance(args, dict) else None
+    if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+        raise ValueError(f"replay args need 'layers': a list of module names, got {args!r}")
+    modules = dict(model.named_modules())
+    for name in layers:
+        if not isinstance(modules.get(name), _LAYER_TYPES):
+            raise ValueError(f"replay: no Linear/Conv2d module named {name!r} in the model")
+    with transaction(model, "sparsify", "*", record=False):
+        for name in layers:
+            module = modules[name]
+            if module._buffers.get(MASK) is None:
+                mask = torch.ones_like(_weight(module), dtype=torch.bool)
+                module.register_buffer(MASK, mask, persistent=True)
