@@ -291,19 +291,20 @@ def _choose(
     weight: Tensor, mask: Tensor | None, k: int, score: str, gen: torch.Generator
 ) -> Tensor:
     """Flat bool mask with exactly ``k`` True: currently active positions rank first, then
-    the score (|w| or none); ties at the k-th value are broken by seeded uniform draws."""
+    the score (|w| or none); ties are broken by seeded uniform draws.
+
+    One ``topk`` over an exact int64 key: bit 62 = active, bits 31..61 = the IEEE bits of
+    |w| as float32 (monotone in |w| for non-negative floats), bits 0..30 = a random draw.
+    """
     flat = weight.detach().reshape(-1)
+    draws = torch.randint(0, 2**31, (flat.numel(),), generator=gen, dtype=torch.int64)
+    key = draws.to(flat.device)
     if score == "magnitude":
-        keys = flat.abs().float()
-        keys = keys if mask is None else torch.where(mask.reshape(-1), keys, -1.0)
-    else:
-        keys = torch.ones_like(flat, dtype=torch.float32) if mask is None else mask.reshape(-1)
-        keys = keys.float()
-    draws = torch.rand(flat.numel(), generator=gen, dtype=torch.float64).to(flat.device)
-    kth = torch.topk(keys, k, sorted=False).values.min()
-    # 2 above the k-th value (all kept), 1 tied with it (kept by draw), 0 below.
-    tier = (keys > kth).double() + (keys >= kth).double()
-    keep = torch.topk(tier + draws, k, sorted=False).indices
+        bits = flat.abs().float().view(torch.int32).to(torch.int64)
+        key = key + (bits << 31)
+    if mask is not None:
+        key = key + (mask.reshape(-1).to(torch.int64) << 62)
+    keep = torch.topk(key, k, sorted=False).indices
     return torch.zeros_like(flat, dtype=torch.bool).scatter_(0, keep, True)
 
 
