@@ -1,0 +1,512 @@
+"""Run configuration: YAML in, a validated :class:`RunConfig` out, before anything trains.
+
+Every section is a strict pydantic model (unknown keys and wrong types are errors). Any
+problem raises one :class:`ConfigError` whose message names the key path, the bad value and
+what is allowed; pydantic's own error text never reaches the user.
+
+Example:
+    >>> cfg = validate_config({"optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}})
+    >>> cfg.optimizer.lr, cfg.model.kind, cfg.growth is None
+    (0.1, 'mlp', True)
+    >>> validate_config({"optimizer": {"lrr": 0.1}})
+    Traceback (most recent call last):
+    ...
+    dynarch.config.ConfigError: config: unknown key 'optimizer.lrr' (did you mean 'lr'?); \
+allowed keys in optimizer: name, lr, momentum, weight_decay, nesterov, betas, eps
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import model_validator as _model_validator
+from torch import nn
+
+from . import models
+
+__all__ = [
+    "CNNConfig", "ConfigError", "DataConfig", "EarlyStoppingConfig", "GrowthConfig", "MLPConfig",
+    "OptimizerConfig", "RunConfig", "SparsityConfig", "TrainConfig", "apply_override",
+    "build_optimizer", "growth_targets", "load_config", "validate_config",
+]  # fmt: skip
+
+Monitor = Literal["val_loss", "val_accuracy"]
+Activation = Literal["relu", "leaky_relu", "gelu", "silu", "tanh", "elu"]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+PosFloat = Annotated[float, Field(gt=0.0)]
+UnitFloat = Annotated[float, Field(ge=0.0, lt=1.0)]  # in [0, 1)
+
+
+class ConfigError(ValueError):
+    """A config file, value or override is invalid; the message says where and how to fix it.
+
+    Example:
+        >>> issubclass(ConfigError, ValueError)
+        True
+    """
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False)
+
+
+class _Monitored(_Section):
+    monitor: Monitor = "val_loss"
+
+    @property
+    def mode(self) -> str:
+        """``"max"`` for accuracy, ``"min"`` for losses."""
+        return "max" if "accuracy" in self.monitor else "min"
+
+
+class DataConfig(_Section):
+    """``data:``: which dataset and how much of it (``n_train``/``n_test``: first N samples)."""
+
+    name: str = "mnist1d"
+    root: str | None = None
+    download: bool = True
+    n_train: PosInt | None = None
+    n_test: PosInt | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from .data import available
+
+        if name not in available():
+            names = available()
+            hint = _suggest(name, names)
+            raise ValueError(f"{name!r} is not available{hint}; choose one of {', '.join(names)}")
+        return name
+
+
+class MLPConfig(_Section):
+    """``model: {kind: mlp}``: see :func:`dynarch.models.mlp`."""
+
+    kind: Literal["mlp"]
+    hidden: list[PosInt] = Field(default_factory=lambda: [32, 32])
+    activation: Activation = "relu"
+    batchnorm: bool = False
+    layernorm: bool = False
+    dropout: UnitFloat = 0.0
+
+    @_model_validator(mode="after")
+    def _one_norm(self) -> MLPConfig:
+        if self.batchnorm and self.layernorm:
+            raise ValueError("model.batchnorm and model.layernorm are both true; choose one")
+        return self
+
+
+class CNNConfig(_Section):
+    """``model: {kind: cnn}``: see :func:`dynarch.models.cnn`."""
+
+    kind: Literal["cnn"]
+    channels: Annotated[list[PosInt], Field(min_length=1)] = Field(default_factory=lambda: [16, 32])
+    kernel_size: PosInt = 3
+    batchnorm: bool = True
+    hidden: NonNegInt = 64
+    activation: Activation = "relu"
+
+
+class OptimizerConfig(_Section):
+    """``optimizer:``: a ``torch.optim`` optimizer; see :func:`build_optimizer`."""
+
+    name: Literal["sgd", "adam", "adamw", "rmsprop", "adagrad"] = "adam"
+    lr: PosFloat = 1e-3
+    momentum: UnitFloat = 0.0
+    weight_decay: NonNegFloat = 0.0
+    nesterov: bool = False
+    betas: Annotated[list[UnitFloat], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: [0.9, 0.999]
+    )
+    eps: PosFloat = 1e-8
+
+    @_model_validator(mode="after")
+    def _coherent(self) -> OptimizerConfig:
+        if self.momentum > 0 and self.name not in ("sgd", "rmsprop"):
+            raise ValueError(
+                f"optimizer.momentum={self.momentum} is not allowed with name {self.name!r}: "
+                "only sgd and rmsprop use momentum (adam-style optimizers use betas)"
+            )
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("optimizer.nesterov=true needs name: sgd and momentum > 0")
+        return self
+
+
+class EarlyStoppingConfig(_Monitored):
+    """``train.early_stopping:``: stop after ``patience`` evaluations without improvement."""
+
+    patience: PosInt = 5
+    min_delta: NonNegFloat = 0.0
+
+
+class TrainConfig(_Section):
+    """``train:``: the loop of :class:`dynarch.train.Trainer`."""
+
+    epochs: PosInt = 10
+    batch_size: PosInt = 128
+    eval_batch_size: PosInt = 1024
+    max_steps: PosInt | None = None
+    log_every: PosInt = 50
+    eval_every_epochs: PosInt = 1
+    early_stopping: EarlyStoppingConfig | None = None
+
+
+class GrowthConfig(_Monitored):
+    """``growth:``: widen ``targets`` on a plateau (:class:`dynarch.callbacks.GrowOnPlateau`).
+
+    ``targets: hidden`` means every Linear/Conv2d but the output layer.
+    """
+
+    trigger: Literal["plateau"] = "plateau"
+    patience: PosInt = 2
+    threshold: NonNegFloat = 0.01
+    factor: Annotated[float, Field(gt=1.0)] = 1.5
+    max_width: PosInt | None = None
+    init: Literal["net2net", "zero", "random"] = "net2net"
+    noise: NonNegFloat = 0.0
+    max_events: PosInt | None = None
+    cooldown: NonNegInt = 0
+    targets: Union[Literal["hidden"], list[str]] = "hidden"  # noqa: UP007
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets(cls, value: Any) -> Any:
+        names = value if isinstance(value, list) else [None]
+        if value != "hidden" and not (names and all(isinstance(v, str) and v for v in names)):
+            raise ValueError(
+                f"{value!r} is not allowed; use 'hidden' or a non-empty list of layer names"
+            )
+        return value
+
+
+class SparsityConfig(_Section):
+    """``sparsity:``: masks applied before training (:func:`dynarch.masks.sparsify`)."""
+
+    density: Annotated[float, Field(gt=0.0, le=1.0)]
+    distribution: Literal["uniform", "er", "erk"] = "erk"
+
+
+class RunConfig(_Section):
+    """The whole run; ``dynarch run`` writes it to ``<run_dir>/config.json``.
+
+    Example:
+        >>> RunConfig().train.epochs
+        10
+    """
+
+    seed: NonNegInt = 0
+    device: str = "cpu"
+    threads: PosInt | None = None  # torch.set_num_threads; small models run fastest with 1
+    run_dir: str | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: Annotated[Union[MLPConfig, CNNConfig], Field(discriminator="kind")] = Field(  # noqa: UP007
+        default_factory=lambda: MLPConfig(kind="mlp")
+    )
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    growth: GrowthConfig | None = None
+    sparsity: SparsityConfig | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        from .train import resolve_device
+
+        try:
+            resolve_device(value)
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @_model_validator(mode="after")
+    def _growth_fits_model(self) -> RunConfig:
+        layernorm = isinstance(self.model, MLPConfig) and self.model.layernorm
+        if self.growth and self.growth.init != "random" and layernorm:
+            raise ValueError(
+                f"growth.init={self.growth.init!r} cannot keep the function of a layer followed "
+                "by LayerNorm (model.layernorm: true); use growth.init: random or batchnorm"
+            )
+        return self
+
+
+# ---------------------------------------------------------------- building from a config
+
+
+_OPTIMIZERS: dict[str, tuple[Callable[..., torch.optim.Optimizer], tuple[str, ...]]] = {
+    "sgd": (torch.optim.SGD, ("momentum", "weight_decay", "nesterov")),
+    "adam": (torch.optim.Adam, ("betas", "eps", "weight_decay")),
+    "adamw": (torch.optim.AdamW, ("betas", "eps", "weight_decay")),
+    "rmsprop": (torch.optim.RMSprop, ("momentum", "eps", "weight_decay")),
+    "adagrad": (torch.optim.Adagrad, ("eps", "weight_decay")),
+}
+
+
+def build_optimizer(cfg: OptimizerConfig, params: Iterable[Any]) -> torch.optim.Optimizer:
+    """The ``torch.optim`` optimizer described by ``cfg`` over ``params``.
+
+    Example:
+        >>> opt = build_optimizer(OptimizerConfig(name="sgd", lr=0.1), nn.Linear(2, 2).parameters())
+        >>> type(opt).__name__, opt.defaults["lr"]
+        ('SGD', 0.1)
+    """
+    cls, keys = _OPTIMIZERS[cfg.name]
+    kwargs = {k: getattr(cfg, k) for k in keys}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return cls(params, lr=cfg.lr, **kwargs)
+
+
+def growth_targets(cfg: GrowthConfig, model: nn.Module) -> list[str]:
+    """The layer names ``cfg.targets`` means for ``model``; unknown names are a ConfigError.
+
+    Example:
+        >>> growth_targets(GrowthConfig(), models.mlp(40, [8, 8], 10))
+        ['fc1', 'fc2']
+    """
+    hidden = models.hidden_layer_names(model)
+    if cfg.targets == "hidden":
+        return hidden
+    for name in cfg.targets:
+        if name not in hidden:
+            raise ConfigError(
+                f"growth.targets: {name!r} is not a widenable layer of this model"
+                f"{_suggest(name, hidden)}; allowed: {', '.join(hidden)} (or 'hidden' for all)"
+            )
+    return list(cfg.targets)
+
+
+# ---------------------------------------------------------------- loading and errors
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.2), not as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _suggest(value: object, choices: Sequence[str]) -> str:
+    lower = {str(c).lower(): str(c) for c in choices}
+    close = difflib.get_close_matches(str(value).lower(), list(lower), n=1)
+    return f" (did you mean {lower[close[0]]!r}?)" if close else ""
+
+
+def _unwrap(ann: Any) -> Any:
+    """``X | None`` -> ``X``; ``Annotated[X, ...]`` -> ``X``."""
+    if get_origin(ann) is Annotated:
+        return _unwrap(get_args(ann)[0])
+    args = [a for a in get_args(ann) if a is not type(None)]
+    if get_origin(ann) in (Union, type(int | None)) and len(args) == 1:
+        return _unwrap(args[0])
+    return ann
+
+
+def _walk(loc: tuple[int | str, ...]) -> tuple[list[str], type[BaseModel] | None, Any, Any]:
+    """Follow a pydantic error location through the config classes: the user-facing key
+    path (union tags dropped), the section holding the last key, that key's FieldInfo
+    (None when the path ends inside a list) and the annotation at the end of the path."""
+    path: list[str] = []
+    ann: Any = RunConfig
+    section: type[BaseModel] | None = None
+    field = None
+    for item in loc:
+        ann = _unwrap(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            section, field = ann, ann.model_fields.get(str(item))
+            path.append(str(item))
+            ann = field.annotation if field is not None else None
+            continue
+        members = [_unwrap(m) for m in get_args(ann)]
+        if members and all(isinstance(m, type) and issubclass(m, BaseModel) for m in members):
+            tagged = {get_args(m.model_fields["kind"].annotation)[0]: m for m in members}
+            ann = tagged.get(item)  # a discriminated union's tag is not a key of the file
+            continue
+        path.append(f"[{item}]" if isinstance(item, int) else str(item))
+        args, field = get_args(ann), None
+        ann = args[0] if get_origin(ann) in (list, tuple) and args else None
+    return path, section, field, ann
+
+
+def _dotted(path: list[str]) -> str:
+    return ".".join(path).replace(".[", "[")
+
+
+def _bounds(field: Any, ann: Any, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Constraints (gt, ge, lt, le, min_length, max_length) of a field, else from ``ctx``."""
+    keys = ("gt", "ge", "lt", "le", "min_length", "max_length")
+    if field is not None:
+        meta = field.metadata
+    else:  # a list item: the constraints sit in its Annotated[...] type
+        meta = [m for a in get_args(ann)[1:] for m in getattr(a, "metadata", [a])]
+    found = {k: getattr(m, k) for m in meta for k in keys if getattr(m, k, None) is not None}
+    return found or {k: ctx[k] for k in keys if k in ctx}
+
+
+def _range_text(b: dict[str, Any]) -> str:
+    lo, hi = b.get("gt", b.get("ge")), b.get("lt", b.get("le"))
+    if lo is not None and hi is not None:
+        left, right = "(" if "gt" in b else "[", ")" if "lt" in b else "]"
+        return f"a number in {left}{lo}, {hi}{right}"
+    sign = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    return " and ".join(f"{sign[op]} {v}" for op, v in b.items() if op in sign)
+
+
+_MAPPING = "a mapping of keys"
+_TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string"}
+_TYPES |= {"list": "a list", "tuple": "a list", "dict": _MAPPING, "model": _MAPPING}
+_TYPES |= {"model_attributes": _MAPPING, "int_from_float": "an integer"}
+
+
+def _problem(err: Any) -> str:
+    """One line for one pydantic error: key path, bad value, what is allowed."""
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    path, section, field, ann = _walk(tuple(err["loc"]))
+    where = _dotted(path) or "config"
+    if kind in ("value_error", "assertion_error"):
+        msg = str(ctx.get("error", err["msg"]))
+        return msg if not path or msg.startswith(f"{where}.") else f"{where}: {msg}"
+    if kind == "extra_forbidden" and section is not None:
+        allowed = list(section.model_fields)
+        scope = f"in {_dotted(path[:-1])}" if len(path) > 1 else "at the top level"
+        hint = _suggest(path[-1], allowed)
+        return f"unknown key {where!r}{hint}; allowed keys {scope}: {', '.join(allowed)}"
+    if kind == "union_tag_not_found":
+        tags = [get_args(m.model_fields["kind"].annotation)[0] for m in get_args(_unwrap(ann))]
+        return f"{where}.kind is missing; set it to one of {', '.join(map(repr, tags))}"
+    if kind == "union_tag_invalid":
+        tags = ctx["expected_tags"]
+        hint = _suggest(ctx["tag"], re.findall(r"'([^']*)'", tags))
+        return f"{where}.kind: {ctx['tag']!r} is not allowed; choose one of {tags}{hint}"
+    if kind == "literal_error":
+        lit = _unwrap(ann)
+        choices = [str(c) for c in get_args(lit)] if get_origin(lit) is Literal else []
+        listed = ", ".join(map(repr, choices)) if choices else str(ctx.get("expected", ""))
+        hint = _suggest(value, choices)
+        return f"{where}: {value!r} is not allowed; choose one of {listed}{hint}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return (
+            f"{where}: {value!r} is out of range; allowed: {_range_text(_bounds(field, ann, ctx))}"
+        )
+    if kind in ("too_short", "too_long"):
+        b = _bounds(field, ann, ctx)
+        lo, hi = b.get("min_length"), b.get("max_length")
+        need = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"at most {hi}"
+        return f"{where}: {value!r} has {ctx.get('actual_length')} items; expected {need}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    base = kind.rsplit("_", 1)[0] if kind.endswith(("_type", "_parsing")) else kind
+    if base in _TYPES:
+        return f"{where}: expected {_TYPES[base]}, got {value!r} ({type(value).__name__})"
+    return f"{where}: {err['msg']} (got {value!r})"
+
+
+def _raise(source: str, problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ConfigError(f"{source}: {problems[0]}")
+    lines = "\n".join(f"  - {p}" for p in problems)
+    raise ConfigError(f"{source}: {len(problems)} problems:\n{lines}")
+
+
+def validate_config(data: Any, *, source: str = "config") -> RunConfig:
+    """Validate a plain mapping (as read from YAML/JSON) into a :class:`RunConfig`.
+
+    Example:
+        >>> validate_config({"train": {"epochs": 3}}).train.epochs
+        3
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {data!r}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        _raise(source, [_problem(e) for e in exc.errors()])
+    raise AssertionError("unreachable")
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Set ``key.sub=value`` in ``data`` in place; the value is parsed as a YAML scalar.
+
+    Example:
+        >>> d = {"optimizer": {"lr": 0.1}}
+        >>> apply_override(d, "optimizer.lr=1e-3"); d
+        {'optimizer': {'lr': 0.001}}
+    """
+    key, sep, raw = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p) for p in parts):
+        raise ConfigError(
+            f"bad override {override!r}: expected KEY=VALUE with a dotted key, "
+            "e.g. optimizer.lr=0.01"
+        )
+    try:
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"bad override {override!r}: the value is not valid YAML ({exc})"
+        ) from None
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"bad override {override!r}: {'.'.join(parts[: i + 1])!r} is {child!r}, "
+                "not a mapping, so it has no sub-keys"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML config, apply ``key.sub=value`` overrides, validate everything.
+
+    ``run_dir`` defaults to ``runs/<config stem>-<timestamp>`` (``-2``, … if that exists).
+
+    Example:
+        >>> from importlib.resources import files
+        >>> cfg = load_config(str(files("dynarch") / "configs/demo.yaml"), ["train.epochs=2"])
+        >>> cfg.train.epochs, cfg.run_dir.startswith("runs/demo-")
+        (2, True)
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {what}")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        why = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}: {why}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {data!r}")
+    for override in overrides:
+        apply_override(data, override)
+    cfg = validate_config(data, source=str(path))
+    if cfg.run_dir is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg.run_dir, n = f"runs/{path.stem}-{stamp}", 1
+        while Path(cfg.run_dir).exists():  # two runs started in the same second
+            n += 1
+            cfg.run_dir = f"runs/{path.stem}-{stamp}-{n}"
+    return cfg
