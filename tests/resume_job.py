@@ -33,7 +33,12 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 def model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(20, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3)
+        nn.Linear(20, 32),
+        nn.ReLU(),
+        nn.Dropout(0.2),
+        nn.Linear(32, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
     )
 
 

@@ -96,7 +96,9 @@ def _check_state_values(value: Any, key: str) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str | int):
-                raise TypeError(f"state '{key}' has a key of type {type(k).__name__}; use str or int keys")
+                raise TypeError(
+                    f"state '{key}' has a key of type {type(k).__name__}; use str or int keys"
+                )
             _check_state_values(v, f"{key}.{k}")
     elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
@@ -118,7 +120,8 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
         for _, p in pairs:
             if id(p) not in order:
                 raise CheckpointError(
-                    f"optimizer holds a parameter of shape {tuple(p.shape)} that the model does not have"
+                    f"optimizer holds a parameter of shape {tuple(p.shape)} "
+                    "that the model does not have"
                 )
         pairs.sort(key=lambda pair: order[id(pair[1])][0])
         ids, names = [], []
@@ -132,8 +135,12 @@ def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return {"state": new_state, "param_groups": new_groups}
 
 
-def save(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-         **state: Any) -> Path:  # fmt: skip
+def save(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    **state: Any,
+) -> Path:
     """Write a checkpoint directory at ``path`` atomically; returns the path.
 
     ``state`` holds extra values (tensors, numbers, strings, lists, dicts) returned by
@@ -160,10 +167,14 @@ def save(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
         opt_state = _optimizer_state(model, optimizer) if optimizer is not None else {}
         torch.save(opt_state, tmp / "optimizer.pt")
         torch.save(
-            {"step": st.step, "rng": capture_rng(), "engine_generator": st.generator.get_state(),
-             "user": state},
+            {
+                "step": st.step,
+                "rng": capture_rng(),
+                "engine_generator": st.generator.get_state(),
+                "user": state,
+            },
             tmp / "state.pt",
-        )  # fmt: skip
+        )
         for name in FILES:
             with open(tmp / name, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -221,7 +232,8 @@ class Checkpoint:
             if have != saved["param_names"]:
                 raise CheckpointError(
                     f"optimizer group {gi} holds {have[:4]}… but the checkpoint saved "
-                    f"{saved['param_names'][:4]}…; build it on the loaded model's parameters in order"
+                    f"{saved['param_names'][:4]}…; "
+                    "build it on the loaded model's parameters in order"
                 )
         optimizer.load_state_dict(self.optimizer_state)
         return optimizer
@@ -241,7 +253,8 @@ def _read_arch(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"'{path}' is not a dynarch checkpoint (format is not '{FORMAT}')")
     if arch.get("version") != VERSION:
         raise CheckpointError(
-            f"'{path}' has checkpoint format version {arch.get('version')!r}; this dynarch reads {VERSION}"
+            f"'{path}' has checkpoint format version {arch.get('version')!r}; "
+            f"this dynarch reads {VERSION}"
         )
     for name in FILES:
         file = path / name
@@ -251,12 +264,15 @@ def _read_arch(path: Path) -> dict[str, Any]:
         actual = _digest(file)
         if expected != actual:
             raise CheckpointError(
-                f"checkpoint file '{file}' is damaged or truncated: expected {expected}, found {actual}"
+                f"checkpoint file '{file}' is damaged or truncated: "
+                f"expected {expected}, found {actual}"
             )
     return arch
 
 
-def _base_model(arch: dict[str, Any], model: type[nn.Module] | Callable[[], nn.Module] | nn.Module | None) -> nn.Module:
+def _base_model(
+    arch: dict[str, Any], model: type[nn.Module] | Callable[[], nn.Module] | nn.Module | None
+) -> nn.Module:
     base = arch["base"]
     if base.get("kind") == "spec":
         return build(base["module"])
@@ -264,14 +280,14 @@ def _base_model(arch: dict[str, Any], model: type[nn.Module] | Callable[[], nn.M
     if model is None:
         raise CheckpointError(
             f"this checkpoint was made from the custom class '{wanted}'; pass it: "
-            f"dynarch.load(path, model={wanted.rsplit('.', 1)[-1]}) (the class, a factory or a fresh instance)"
+            f"dynarch.load(path, model={wanted.rsplit('.', 1)[-1]}) "
+            "(the class, a factory or a fresh instance)"
         )
-    if isinstance(model, nn.Module):
-        instance = copy.deepcopy(model)
-    else:
-        instance = model()
+    instance = copy.deepcopy(model) if isinstance(model, nn.Module) else model()
     if class_path(instance) != wanted:
-        raise CheckpointError(f"checkpoint was made from '{wanted}', but the model given is '{class_path(instance)}'")
+        raise CheckpointError(
+            f"checkpoint was made from '{wanted}', but the model given is '{class_path(instance)}'"
+        )
     return instance
 
 
@@ -310,7 +326,9 @@ def load(
             continue
         fn = _REPLAY.get(event.op)
         if fn is None:
-            raise CheckpointError(f"checkpoint holds a '{event.op}' event this dynarch cannot rebuild")
+            raise CheckpointError(
+                f"checkpoint holds a '{event.op}' event this dynarch cannot rebuild"
+            )
         try:
             fn(net, event.replay, modules or {})
         except (KeyError, ValueError, TypeError) as exc:
@@ -367,5 +385,11 @@ def _ensure_replays() -> None:
                 f"a custom module '{spec['class']}' was attached; pass "
                 f"modules={{'{spec['class']}': <the class>}} to dynarch.load"
             )
-        insert.attach(m, a["slot"], module, alpha=a["alpha"], trainable_alpha=a["trainable_alpha"],
-                      record=False)  # fmt: skip
+        insert.attach(
+            m,
+            a["slot"],
+            module,
+            alpha=a["alpha"],
+            trainable_alpha=a["trainable_alpha"],
+            record=False,
+        )

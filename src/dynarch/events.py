@@ -64,7 +64,9 @@ class Event:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"event record has unknown keys {sorted(unknown)}; expected {sorted(known)}")
+            raise ValueError(
+                f"event record has unknown keys {sorted(unknown)}; expected {sorted(known)}"
+            )
         missing = {"step", "op", "target", "params_before", "params_after"} - set(data)
         if missing:
             raise ValueError(f"event record is missing keys {sorted(missing)}")

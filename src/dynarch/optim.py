@@ -39,7 +39,9 @@ class ParamChange:
     maps: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def index_map(tensor: torch.Tensor, maps: dict[int, torch.Tensor], fill: float = 0.0) -> torch.Tensor:
+def index_map(
+    tensor: torch.Tensor, maps: dict[int, torch.Tensor], fill: float = 0.0
+) -> torch.Tensor:
     """Gather ``tensor`` along each mapped dim; positions mapped from ``-1`` get ``fill``.
 
     Example:
@@ -64,7 +66,9 @@ def _locate(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[int,
     return None
 
 
-def _map_state(old: torch.Tensor, new: torch.Tensor, state: dict, maps: dict[int, torch.Tensor]) -> dict:
+def _map_state(
+    old: torch.Tensor, new: torch.Tensor, state: dict, maps: dict[int, torch.Tensor]
+) -> dict:
     mapped: dict = {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.shape == old.shape and value.dim() > 0:
@@ -75,7 +79,8 @@ def _map_state(old: torch.Tensor, new: torch.Tensor, state: dict, maps: dict[int
             mapped[key] = value
         else:
             warnings.warn(
-                f"optimizer state '{key}' of a changed parameter ({type(value).__name__}) cannot be "
+                f"optimizer state '{key}' of a changed parameter ({type(value).__name__}) "
+                "cannot be "
                 "index-mapped; the parameter's optimizer state was reset",
                 stacklevel=4,
             )
@@ -137,10 +142,16 @@ def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for gi, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
             if id(p) in seen:
-                raise RuntimeError(f"param group {gi} holds a parameter twice (shape {tuple(p.shape)})")
+                raise RuntimeError(
+                    f"param group {gi} holds a parameter twice (shape {tuple(p.shape)})"
+                )
             if id(p) not in live:
-                raise RuntimeError(f"param group {gi} holds a dead parameter (shape {tuple(p.shape)})")
+                raise RuntimeError(
+                    f"param group {gi} holds a dead parameter (shape {tuple(p.shape)})"
+                )
             seen.add(id(p))
     for p in optimizer.state:
         if id(p) not in seen:
-            raise RuntimeError(f"optimizer state refers to a parameter not in any group {tuple(p.shape)}")
+            raise RuntimeError(
+                f"optimizer state refers to a parameter not in any group {tuple(p.shape)}"
+            )

@@ -23,7 +23,7 @@ __all__ = ["capture_rng", "restore_rng", "seed_everything"]
 
 def capture_rng() -> dict[str, Any]:
     """The state of the torch (CPU and CUDA), NumPy and Python global generators."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

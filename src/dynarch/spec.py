@@ -61,7 +61,6 @@ def class_path(obj: object) -> str:
 
 def import_class(path: str) -> type:
     """Import ``module.QualName``; a clear error when it cannot be found."""
-    module_name, _, qual = path.rpartition(".")
     for cut in range(path.count("."), 0, -1):
         module_name, qual = path.rsplit(".", cut)[0], ".".join(path.rsplit(".", cut)[1:])
         try:
@@ -94,7 +93,7 @@ def describe(module: nn.Module) -> dict[str, Any] | None:
         if isinstance(module, nn.LayerNorm):
             args["bias"] = module.bias is not None
         return {"type": cls.__name__, "args": args}
-    if cls is Residual:
+    if isinstance(module, Residual) and cls is Residual:
         inner = describe(module.module)
         if inner is None:
             return None
