@@ -7,7 +7,7 @@ Every structural operation (``widen``, ``deepen``, ``shrink``, ``attach``, ``det
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> event = dynarch.widen(model, "0", 12)
     >>> event.op, event.target, event.params_before, event.params_after
-    ('widen', '0', 58, 90)
+    ('widen', '0', 58, 86)
     >>> dynarch.history(model)[-1] is event
     True
 

@@ -14,6 +14,7 @@ only if that space is changed (so an exotic op elsewhere in the model never bloc
 
 from __future__ import annotations
 
+import difflib
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,7 +132,11 @@ def resolve(model: nn.Module, name: str, kinds: tuple[type[nn.Module], ...] | No
     """The submodule called ``name``; a clear error when absent or of the wrong kind."""
     modules = dict(model.named_modules())
     if name not in modules or name == "":
-        close = [n for n in modules if n and (name in n or n in name)][:5]
+        names = [n for n in modules if n]
+        close = [n for n in names if name in n or n in name]
+        similar = set(difflib.get_close_matches(name, names, n=5))
+        close += [n for n in names if n in similar and n not in close]  # in model order
+        close = close[:5]
         hint = f"; did you mean one of {close}?" if close else ""
         raise KeyError(f"model has no submodule named '{name}'{hint}")
     module = modules[name]
@@ -173,6 +178,7 @@ def analyse(model: nn.Module) -> ModelGraph:
     calls: dict[str, list[fx.Node]] = {}
     norm_dims: dict[str, int] = {}
     out_space: dict[str, int] = {}
+    inputs: dict[str, list[int | None]] = {}  # Linear/Conv2d name -> input space of each call
 
     def flag(ref: _Ref, why: str) -> None:
         problems.setdefault(ref.space, []).append(why)
@@ -190,6 +196,7 @@ def analyse(model: nn.Module) -> ModelGraph:
             mod = modules[name]
             calls.setdefault(name, []).append(node)
             if isinstance(mod, nn.Linear | nn.Conv2d):
+                inputs.setdefault(name, []).append(first.space if first is not None else None)
                 if first is not None:
                     if isinstance(mod, nn.Conv2d) and (first.flat or mod.groups != 1):
                         flag(first, f"'{name}' is a grouped or flattened Conv2d consumer")
@@ -220,6 +227,8 @@ def analyse(model: nn.Module) -> ModelGraph:
                         flag(first, f"BatchNorm '{name}' normalises flattened channels")
                 refs[node] = first
             elif isinstance(mod, PASS_MODULES) and first is not None:
+                if isinstance(mod, nn.PReLU) and mod.num_parameters != 1:
+                    flag(first, f"PReLU '{name}' has one parameter per channel")
                 refs[node] = first
             elif isinstance(mod, nn.Flatten) and first is not None:
                 ref = _flatten(first, mod.start_dim, mod.end_dim)
@@ -240,6 +249,14 @@ def analyse(model: nn.Module) -> ModelGraph:
         elif node.op == "output":
             for r in ins:
                 flag(r, "its output is an output of the model (widening would change the output shape)")
+
+    for name, spaces in inputs.items():  # a layer reused on inputs of different spaces
+        origins = {uf.find(s) if s is not None else -1 for s in spaces}
+        if len(origins) > 1:
+            why = f"'{name}' is called {len(spaces)} times on inputs of different channel spaces"
+            for s in spaces:
+                if s is not None:
+                    problems.setdefault(s, []).append(why)
 
     groups: dict[int, ChannelGroup] = {}
 

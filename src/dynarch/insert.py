@@ -14,10 +14,19 @@ from collections import OrderedDict
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import skip_init
 
 from ._engine import engine_state, transaction
 from .events import Event
-from .graph import ACTIVATIONS, IDEMPOTENT, UnsupportedModelError, analyse, resolve
+from .graph import (
+    ACTIVATIONS,
+    IDEMPOTENT,
+    NORMS,
+    PASS_MODULES,
+    UnsupportedModelError,
+    analyse,
+    resolve,
+)
 from .nn import Residual
 from .optim import transplant
 
@@ -68,7 +77,9 @@ def insert_after(
     return [f"{anchor}.{base}" for base, _ in new], True
 
 
-def _anchored(model: nn.Module, new_params: list[nn.Parameter]) -> list[tuple[nn.Parameter, nn.Parameter | None]]:
+def _anchored(
+    model: nn.Module, new_params: list[nn.Parameter]
+) -> list[tuple[nn.Parameter, nn.Parameter | None]]:
     """Each new parameter with the model parameter right before it (for optimizer order)."""
     fresh = {id(p) for p in new_params}
     out: list[tuple[nn.Parameter, nn.Parameter | None]] = []
@@ -90,26 +101,31 @@ def _single_call(calls: dict[str, list[fx.Node]], name: str) -> fx.Node:
     return nodes[0]
 
 
-def _identity_layer(mod: nn.Module) -> nn.Module:
+def _identity_layer(mod: nn.Module) -> nn.Linear | nn.Conv2d:
+    # skip_init: no default init, so the global RNG is not consumed (engine contract).
+    assert isinstance(mod, nn.Linear | nn.Conv2d)
     w = mod.weight
+    layer: nn.Linear | nn.Conv2d
     if isinstance(mod, nn.Linear):
-        layer: nn.Module = nn.Linear(mod.out_features, mod.out_features, device=w.device, dtype=w.dtype)
+        n = mod.out_features
+        layer = skip_init(nn.Linear, n, n, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             nn.init.eye_(layer.weight)
     else:
-        assert isinstance(mod, nn.Conv2d)
-        k = tuple(mod.kernel_size)
+        k = (int(mod.kernel_size[0]), int(mod.kernel_size[-1]))
         if any(s % 2 == 0 for s in k):
             raise ValueError(
-                f"cannot deepen after Conv2d with kernel_size {k}: an identity (Dirac) conv needs odd "
-                "kernel sizes"
+                f"cannot deepen after Conv2d with kernel_size {k}: an identity (Dirac) conv "
+                "needs odd kernel sizes"
             )
         c = mod.out_channels
-        layer = nn.Conv2d(c, c, k, padding=(k[0] // 2, k[1] // 2), device=w.device, dtype=w.dtype)
+        pad = (k[0] // 2, k[1] // 2)
+        layer = skip_init(nn.Conv2d, c, c, k, padding=pad, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             nn.init.dirac_(layer.weight)
+    assert layer.bias is not None
     with torch.no_grad():
-        layer.bias.zero_()  # type: ignore[union-attr]
+        layer.bias.zero_()
     return layer
 
 
@@ -182,6 +198,11 @@ def deepen(
     return tx.event
 
 
+def _canonical(slot: str) -> str:
+    """``"fc1"`` and ``"after:fc1"`` name the same slot; the canonical key is the latter."""
+    return "after:" + slot.removeprefix("after:")
+
+
 def _slot_anchor(model: nn.Module, slot: str) -> str:
     name = slot.removeprefix("after:")
     try:
@@ -220,6 +241,7 @@ def attach(
         'Residual'
     """
     anchor = _slot_anchor(model, slot)
+    slot = _canonical(slot)
     st = engine_state(model)
     if slot in st.slots:
         raise ValueError(f"slot '{slot}' is occupied by '{st.slots[slot]}'; detach it first")
@@ -228,7 +250,7 @@ def attach(
     ref = next(model.parameters(), None)
     if ref is not None:
         module = module.to(ref.device)
-    _check_shape(model.get_submodule(anchor), module, slot)
+    _check_shape(model, anchor, module, slot)
     wrapper = Residual(module, alpha=alpha, trainable_alpha=trainable_alpha)
     if ref is not None:
         wrapper = wrapper.to(ref.device)
@@ -248,18 +270,48 @@ def attach(
     return tx.event
 
 
-def _check_shape(anchor: nn.Module, module: nn.Module, slot: str) -> None:
-    width = getattr(anchor, "out_features", None)
-    if width is None:
+def _producer(model: nn.Module, anchor: str) -> nn.Linear | nn.Conv2d | None:
+    """The Linear/Conv2d whose units the output of ``anchor`` carries: ``anchor`` itself or
+    the one it follows through shape-preserving modules (norms, activations, dropout,
+    pooling); ``None`` when unknown."""
+    try:
+        graph = analyse(model)
+    except UnsupportedModelError:
+        graph = None
+    name = anchor
+    for _ in range(len(graph.modules) if graph else 1):
+        mod = model.get_submodule(name)
+        if isinstance(mod, nn.Linear | nn.Conv2d):
+            return mod
+        if graph is None or not isinstance(mod, (*PASS_MODULES, *NORMS)):
+            return None
+        nodes = graph.calls.get(name, [])
+        src = nodes[0].args[0] if len(nodes) == 1 and nodes[0].args else None
+        if not isinstance(src, fx.Node) or src.op != "call_module":
+            return None
+        name = str(src.target)
+    return None
+
+
+def _check_shape(model: nn.Module, anchor: str, module: nn.Module, slot: str) -> None:
+    producer = _producer(model, anchor)
+    if producer is None:
         return
-    probe = torch.zeros(2, width, device=next(anchor.parameters()).device)
+    spatial: tuple[int, ...] = ()
+    if isinstance(producer, nn.Linear):
+        width = producer.out_features
+    else:  # a Conv2d: probe a small "same"-size feature map
+        width, spatial = producer.out_channels, (8, 8)
+    probe = torch.zeros(2, width, *spatial, device=producer.weight.device)
     was = module.training
     module.eval()
     try:
         with torch.no_grad():
             out = module(probe)
     except Exception as exc:
-        raise ValueError(f"module cannot read the output of slot '{slot}' (width {width}): {exc}") from exc
+        raise ValueError(
+            f"module cannot read the output of slot '{slot}' (width {width}): {exc}"
+        ) from exc
     finally:
         module.train(was)
     if tuple(out.shape) != tuple(probe.shape):
@@ -290,6 +342,7 @@ def detach(
         3
     """
     st = engine_state(model)
+    slot = _canonical(slot)
     if slot not in st.slots:
         occupied = sorted(st.slots) or "none"
         raise KeyError(f"nothing is attached at slot '{slot}'; occupied slots: {occupied}")
@@ -299,8 +352,8 @@ def detach(
     wrapper = getattr(parent, last)
     with transaction(model, "detach", slot, reason=reason, record=record) as tx:
         params = list(wrapper.parameters())
-        if name not in st.wrapped:
-            del parent._modules[last]
+        if name not in st.wrapped or len(parent._modules) != 2:
+            del parent._modules[last]  # (a wrapper holding more than anchor + slot stays)
         else:  # undo the wrapper made by insert_after
             grand_name, plast = _split(parent_name)
             grand = model.get_submodule(grand_name) if grand_name else model

@@ -324,6 +324,11 @@ def _check_blocks(graph: ModelGraph, group: ChannelGroup, old: int, target: str)
                 f"cannot change '{target}': '{name}' takes {cols} flattened inputs, not a multiple "
                 f"of the {old} channels"
             )
+        if not flat and cols != old:  # e.g. a flatten that folds a sequence axis into features
+            raise UnsupportedModelError(
+                f"cannot change '{target}': '{name}' takes {cols} inputs, not the {old} units of "
+                f"'{target}' (they were reshaped on the way)"
+            )
 
 
 def _details(group: ChannelGroup, old: int, new: int) -> dict:
