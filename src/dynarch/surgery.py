@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from torch import nn
 from ._engine import engine_state, transaction
 from .events import Event
 from .graph import ChannelGroup, ModelGraph, UnsupportedModelError, analyse, resolve
-from .optim import ParamChange, index_map, transplant
+from .optim import ParamChange, transplant
 
 __all__ = ["INITS", "remap", "shrink", "widen"]
 
@@ -28,7 +29,8 @@ _LAYERS = (nn.Linear, nn.Conv2d)
 
 
 def _width(module: nn.Module) -> int:
-    return int(module.out_features if isinstance(module, nn.Linear) else module.out_channels)
+    assert isinstance(module, nn.Linear | nn.Conv2d)
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
 def _group_for(model: nn.Module, target: str, op: str) -> tuple[ModelGraph, ChannelGroup, int]:
@@ -37,21 +39,29 @@ def _group_for(model: nn.Module, target: str, op: str) -> tuple[ModelGraph, Chan
     group = graph.group(target)
     if group.problems:
         raise UnsupportedModelError(
-            f"cannot {op} '{target}': " + "; ".join(group.problems)
+            f"cannot {op} '{target}': "
+            + "; ".join(group.problems)
             + f" (coupled layers: {group.producers})"
         )
     widths = {name: _width(graph.modules[name]) for name in group.producers}
     if len(set(widths.values())) != 1:
-        raise UnsupportedModelError(f"cannot {op} '{target}': coupled layers differ in width {widths}")
+        raise UnsupportedModelError(
+            f"cannot {op} '{target}': coupled layers differ in width {widths}"
+        )
     return graph, group, next(iter(widths.values()))
 
 
-def _uniform(shape: Sequence[int], bound: float, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """U(-bound, bound) from the engine generator (torch's default Linear/Conv init range)."""
+def _uniform(
+    shape: Sequence[int], fan_in: int, like: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from the engine generator (torch's default init)."""
+    bound = 1 / math.sqrt(max(fan_in, 1))
     return ((torch.rand(tuple(shape), generator=gen) * 2 - 1) * bound).to(like.device, like.dtype)
 
 
-def _random_mask(shape: Sequence[int], density: float, dim: int, gen: torch.Generator) -> torch.Tensor:
+def _random_mask(
+    shape: Sequence[int], density: float, dim: int, gen: torch.Generator
+) -> torch.Tensor:
     """Mask rows/cols for new units: exactly round(density * slice size) active per slice."""
     shape = tuple(shape)
     moved = (shape[dim], math.prod(shape) // shape[dim])
@@ -65,12 +75,106 @@ def _random_mask(shape: Sequence[int], density: float, dim: int, gen: torch.Gene
     return mask.view(shape[dim], *rest).permute(*perm).contiguous()
 
 
-def _set_param(module: nn.Module, name: str, value: torch.Tensor, changes: list[ParamChange],
-               maps: dict[int, torch.Tensor]) -> None:  # fmt: skip
+def _set_param(
+    module: nn.Module,
+    name: str,
+    value: torch.Tensor,
+    changes: list[ParamChange],
+    maps: dict[int, torch.Tensor],
+) -> None:
     old = getattr(module, name)
     new = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
     setattr(module, name, new)
     changes.append(ParamChange(old, new, maps))
+
+
+@dataclass
+class _Plan:
+    """One re-indexing of a channel space (see :func:`remap`)."""
+
+    index: torch.Tensor  # old unit per new unit
+    state_index: torch.Tensor  # same, -1 for new units (optimizer state starts at zero)
+    new_pos: torch.Tensor  # positions of new units
+    init: str
+    noise: float
+    scale: torch.Tensor | None  # Net2Net split factor per new unit
+    gen: torch.Generator
+
+    @property
+    def fresh(self) -> bool:
+        """New units start from an init of their own (not copies)."""
+        return self.new_pos.numel() > 0 and self.init != "net2net"
+
+
+def _rows(
+    layer: nn.Linear | nn.Conv2d,
+    plan: _Plan,
+    w: torch.Tensor,
+    mask: torch.Tensor | None,
+    changes: list[ParamChange],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Re-index output units: rows of weight, mask and bias."""
+    index, new_pos = plan.index.to(w.device), plan.new_pos.to(w.device)
+    tail = tuple(w.shape[1:])
+    fan_in = math.prod(tail)
+    w = w.index_select(0, index)
+    if plan.fresh:
+        w[new_pos] = _uniform((new_pos.numel(), *tail), fan_in, w, plan.gen)
+    elif new_pos.numel() and plan.noise > 0:
+        jitter = torch.randn((new_pos.numel(), *tail), generator=plan.gen).to(w.device, w.dtype)
+        w[new_pos] += jitter * (plan.noise * w.std())
+    if mask is not None:
+        density = float(mask.float().mean())
+        mask = mask.index_select(0, index)
+        if plan.fresh:
+            mask[new_pos] = _random_mask((new_pos.numel(), *tail), density, 0, plan.gen).to(
+                w.device
+            )
+    if layer.bias is not None:
+        b = layer.bias.detach().index_select(0, index)
+        if plan.fresh:
+            b[new_pos] = _uniform((new_pos.numel(),), fan_in, b, plan.gen)
+        _set_param(layer, "bias", b, changes, {0: plan.state_index})
+    if isinstance(layer, nn.Linear):
+        layer.out_features = index.numel()
+    else:
+        layer.out_channels = index.numel()
+    return w, mask
+
+
+def _cols(
+    layer: nn.Linear | nn.Conv2d,
+    plan: _Plan,
+    w: torch.Tensor,
+    mask: torch.Tensor | None,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Re-index input units (a block of ``block`` columns each): returns weight, mask, state map."""
+    offsets = torch.arange(block)
+    cols = (plan.index[:, None] * block + offsets).reshape(-1)
+    cols_state = (plan.state_index[:, None] * block + offsets).reshape(-1)
+    cols_state[(plan.state_index < 0).repeat_interleave(block)] = -1
+    w = w.index_select(1, cols.to(w.device))
+    new_cols = (cols_state < 0).nonzero().squeeze(1).to(w.device)
+    if plan.scale is not None:
+        col_scale = plan.scale.repeat_interleave(block).to(w.device, w.dtype)
+        w *= col_scale.view(1, -1, *([1] * (w.dim() - 2)))
+    elif new_cols.numel() and plan.init == "zero":
+        w[:, new_cols] = 0
+    elif new_cols.numel() and plan.init == "random":
+        shape = (w.shape[0], new_cols.numel(), *w.shape[2:])
+        w[:, new_cols] = _uniform(shape, math.prod(w.shape[1:]), w, plan.gen)
+    if mask is not None:
+        density = float(mask.float().mean())
+        mask = mask.index_select(1, cols.to(w.device))
+        if new_cols.numel() and plan.init != "net2net":
+            shape = (w.shape[0], new_cols.numel(), *w.shape[2:])
+            mask[:, new_cols] = _random_mask(shape, density, 1, plan.gen).to(w.device)
+    if isinstance(layer, nn.Linear):
+        layer.in_features = w.shape[1]
+    else:
+        layer.in_channels = w.shape[1]
+    return w, mask, cols_state
 
 
 def remap(
@@ -85,118 +189,72 @@ def remap(
     split: bool,
     optimizer: torch.optim.Optimizer | None,
 ) -> None:
-    """Re-index one channel space (see module docstring); ``split`` divides consumer columns
-    among copies (Net2Net), ``init`` says how new units start."""
-    gen = engine_state(model).generator
+    """Re-index one channel space everywhere it is indexed.
+
+    ``index[j]`` is the old unit that new unit ``j`` comes from; ``is_new[j]`` flags units
+    that did not exist (their optimizer state starts at zero). ``split`` divides consumer
+    columns among a unit and its copies (Net2Net); ``init`` says how new units start.
+    """
     old_width = _width(graph.modules[group.producers[0]])
-    state_index = torch.where(is_new, torch.full_like(index, -1), index)
-    new_pos = is_new.nonzero().squeeze(1)
-    any_new = new_pos.numel() > 0
     scale = None
     if split:
         counts = torch.bincount(index, minlength=old_width).to(torch.float64)
         scale = (1.0 / counts)[index]
-    changes: list[ParamChange] = []
-    roles: dict[str, dict[str, bool]] = {}
+    plan = _Plan(
+        index=index,
+        state_index=torch.where(is_new, torch.full_like(index, -1), index),
+        new_pos=is_new.nonzero().squeeze(1),
+        init=init,
+        noise=noise,
+        scale=scale,
+        gen=engine_state(model).generator,
+    )
+    roles: dict[str, set[str]] = {}
     for name in group.producers:
-        roles.setdefault(name, {})["out"] = True
+        roles.setdefault(name, set()).add("out")
     for name, flat in group.consumers:
-        roles.setdefault(name, {})["in" if not flat else "flat"] = True
+        roles.setdefault(name, set()).add("flat" if flat else "in")
+    changes: list[ParamChange] = []
     with torch.no_grad():
         for name, role in roles.items():
-            mod = graph.modules[name]
-            w = mod.weight
-            w_maps: dict[int, torch.Tensor] = {}
-            s_maps: dict[int, torch.Tensor] = {}
-            new_w = w.detach()
-            mask = getattr(mod, "weight_mask", None)
-            new_mask = mask
-            if role.get("out"):
-                new_w = new_w.index_select(0, index.to(w.device))
-                w_maps[0], s_maps[0] = index, state_index
-                if any_new and init != "net2net":
-                    fan_in = math.prod(w.shape[1:])
-                    rows = _uniform((new_pos.numel(), *w.shape[1:]), 1 / math.sqrt(fan_in), w, gen)
-                    new_w[new_pos] = rows
-                elif any_new and noise > 0:
-                    std = float(w.detach().std()) if w.numel() > 1 else 1.0
-                    jitter = torch.randn((new_pos.numel(), *w.shape[1:]), generator=gen) * noise * std
-                    new_w[new_pos] += jitter.to(w.device, w.dtype)
-                if new_mask is not None:
-                    new_mask = new_mask.index_select(0, index.to(w.device))
-                    if any_new and init != "net2net":
-                        density = float(mask.float().mean())
-                        fresh = _random_mask((new_pos.numel(), *w.shape[1:]), density, 0, gen)
-                        new_mask[new_pos] = fresh.to(w.device)
-                if mod.bias is not None:
-                    b = mod.bias.detach().index_select(0, index.to(w.device))
-                    if any_new and init != "net2net":
-                        fan_in = math.prod(w.shape[1:])
-                        b[new_pos] = _uniform((new_pos.numel(),), 1 / math.sqrt(fan_in), b, gen)
-                    _set_param(mod, "bias", b, changes, {0: state_index})
-                if isinstance(mod, nn.Linear):
-                    mod.out_features = index.numel()
-                else:
-                    mod.out_channels = index.numel()
-            if role.get("in") or role.get("flat"):
-                block = 1
-                if role.get("flat"):
-                    block = w.shape[1] // old_width
-                cols = (index[:, None] * block + torch.arange(block)).reshape(-1)
-                cols_state = (state_index[:, None] * block + torch.arange(block)).reshape(-1)
-                cols_state[(state_index < 0).repeat_interleave(block)] = -1
-                new_w = new_w.index_select(1, cols.to(w.device))
-                w_maps[1], s_maps[1] = cols, cols_state
-                col_new = (cols_state < 0).nonzero().squeeze(1)
-                if scale is not None:
-                    col_scale = scale.repeat_interleave(block).to(w.device, w.dtype)
-                    new_w *= col_scale.view(1, -1, *([1] * (w.dim() - 2)))
-                elif col_new.numel() and init == "zero":
-                    new_w[:, col_new] = 0
-                elif col_new.numel() and init == "random":
-                    fan_in = math.prod(new_w.shape[1:])
-                    vals = _uniform((w.shape[0], col_new.numel(), *w.shape[2:]), 1 / math.sqrt(fan_in), w, gen)
-                    new_w[:, col_new] = vals
-                if new_mask is not None:
-                    new_mask = new_mask.index_select(1, cols.to(w.device))
-                    if col_new.numel() and init != "net2net" and mask is not None:
-                        density = float(mask.float().mean())
-                        fresh = _random_mask((w.shape[0], col_new.numel(), *w.shape[2:]), density, 1, gen)
-                        new_mask[:, col_new] = fresh.to(w.device)
-                if isinstance(mod, nn.Linear):
-                    mod.in_features = new_w.shape[1]
-                else:
-                    mod.in_channels = new_w.shape[1]
-            if new_mask is not None:
-                new_w = new_w * new_mask
-                mod.weight_mask = new_mask
-            _set_param(mod, "weight", new_w, changes, s_maps)
+            layer = graph.modules[name]
+            assert isinstance(layer, nn.Linear | nn.Conv2d)
+            w = layer.weight.detach()
+            mask = layer._buffers.get("weight_mask")
+            maps: dict[int, torch.Tensor] = {}
+            if "out" in role:
+                w, mask = _rows(layer, plan, w, mask, changes)
+                maps[0] = plan.state_index
+            if role & {"in", "flat"}:
+                block = w.shape[1] // old_width if "flat" in role else 1
+                w, mask, maps[1] = _cols(layer, plan, w, mask, block)
+            if mask is not None:
+                w = w * mask
+                layer.weight_mask = mask
+            _set_param(layer, "weight", w, changes, maps)
         for name in group.norms:
-            _remap_norm(graph.modules[name], group.norm_dims[name], index, state_index, new_pos,
-                        init, changes)  # fmt: skip
+            _remap_norm(graph.modules[name], group.norm_dims[name], plan, changes)
     transplant(optimizer, changes)
 
 
-def _remap_norm(mod: nn.Module, dim: int, index: torch.Tensor, state_index: torch.Tensor,
-                new_pos: torch.Tensor, init: str, changes: list[ParamChange]) -> None:  # fmt: skip
-    fresh = new_pos.numel() > 0 and init != "net2net"
+def _remap_norm(mod: nn.Module, dim: int, plan: _Plan, changes: list[ParamChange]) -> None:
     defaults = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
     for attr, default in defaults.items():
         t = getattr(mod, attr, None)
-        if t is None:
+        if not isinstance(t, torch.Tensor):
             continue
-        new = t.detach().index_select(dim, index.to(t.device))
-        if fresh:
-            new.index_fill_(dim, new_pos.to(t.device), default)
+        new = t.detach().index_select(dim, plan.index.to(t.device))
+        if plan.fresh:
+            new.index_fill_(dim, plan.new_pos.to(t.device), default)
         if isinstance(t, nn.Parameter):
-            _set_param(mod, attr, new, changes, {dim: state_index})
+            _set_param(mod, attr, new, changes, {dim: plan.state_index})
         else:
             setattr(mod, attr, new)
     if isinstance(mod, nn.BatchNorm1d | nn.BatchNorm2d):
-        mod.num_features = index.numel()
+        mod.num_features = plan.index.numel()
     elif isinstance(mod, nn.LayerNorm):
         shape = list(mod.normalized_shape)
-        shape[dim] = index.numel()
+        shape[dim] = plan.index.numel()
         mod.normalized_shape = tuple(shape)
 
 
@@ -261,12 +319,25 @@ def widen(
     _check_blocks(graph, group, old, target)
     gen = engine_state(model).generator
     extra = width - old
-    sources = torch.randint(0, old, (extra,), generator=gen) if init == "net2net" else torch.zeros(extra, dtype=torch.long)
+    sources = (
+        torch.randint(0, old, (extra,), generator=gen)
+        if init == "net2net"
+        else torch.zeros(extra, dtype=torch.long)
+    )
     index = torch.cat([torch.arange(old), sources])
     is_new = torch.cat([torch.zeros(old, dtype=torch.bool), torch.ones(extra, dtype=torch.bool)])
     with transaction(model, "widen", target, reason=reason, record=record) as tx:
-        remap(model, graph, group, index, is_new, init=init, noise=float(noise),
-              split=init == "net2net", optimizer=optimizer)  # fmt: skip
+        remap(
+            model,
+            graph,
+            group,
+            index,
+            is_new,
+            init=init,
+            noise=float(noise),
+            split=init == "net2net",
+            optimizer=optimizer,
+        )
         tx.details = _details(group, old, width) | {"init": init, "noise": float(noise)}
         tx.replay = {"target": target, "width": width}
     assert tx.event is not None
@@ -298,18 +369,37 @@ def shrink(
     """
     graph, group, old = _group_for(model, target, "shrink")
     idx = torch.as_tensor(keep)
-    if idx.dim() != 1 or idx.numel() == 0 or idx.dtype in (torch.float16, torch.float32, torch.float64, torch.bool):
-        raise ValueError(f"keep must be a non-empty 1-D tensor of unit indices, got {idx.dtype} of shape {tuple(idx.shape)}")
+    if (
+        idx.dim() != 1
+        or idx.numel() == 0
+        or idx.dtype in (torch.float16, torch.float32, torch.float64, torch.bool)
+    ):
+        raise ValueError(
+            "keep must be a non-empty 1-D tensor of unit indices, "
+            f"got {idx.dtype} of shape {tuple(idx.shape)}"
+        )
     idx = idx.long().cpu()
     if int(idx.min()) < 0 or int(idx.max()) >= old:
-        raise ValueError(f"keep holds indices outside [0, {old}) for '{target}' (min {int(idx.min())}, max {int(idx.max())})")
+        raise ValueError(
+            f"keep holds indices outside [0, {old}) for '{target}' "
+            f"(min {int(idx.min())}, max {int(idx.max())})"
+        )
     idx = torch.unique(idx)
     if idx.numel() != torch.as_tensor(keep).numel():
         raise ValueError(f"keep holds duplicate indices for '{target}'")
     _check_blocks(graph, group, old, target)
     with transaction(model, "shrink", target, reason=reason, record=record) as tx:
-        remap(model, graph, group, idx, torch.zeros(idx.numel(), dtype=torch.bool), init="net2net",
-              noise=0.0, split=False, optimizer=optimizer)  # fmt: skip
+        remap(
+            model,
+            graph,
+            group,
+            idx,
+            torch.zeros(idx.numel(), dtype=torch.bool),
+            init="net2net",
+            noise=0.0,
+            split=False,
+            optimizer=optimizer,
+        )
         tx.details = _details(group, old, idx.numel())
         tx.replay = {"target": target, "width": idx.numel()}
     assert tx.event is not None
@@ -318,7 +408,9 @@ def shrink(
 
 def _check_blocks(graph: ModelGraph, group: ChannelGroup, old: int, target: str) -> None:
     for name, flat in group.consumers:
-        cols = graph.modules[name].weight.shape[1]
+        layer = graph.modules[name]
+        assert isinstance(layer, nn.Linear | nn.Conv2d)
+        cols = layer.weight.shape[1]
         if flat and cols % old:
             raise UnsupportedModelError(
                 f"cannot change '{target}': '{name}' takes {cols} flattened inputs, not a multiple "
@@ -349,4 +441,3 @@ def replay_resize(model: nn.Module, args: dict) -> None:
         widen(model, args["target"], width, init="zero", record=False)
     elif width < _width(mod):
         shrink(model, args["target"], torch.arange(width), record=False)
-
