@@ -109,10 +109,10 @@ def test_layernorm_over_channels_is_recorded() -> None:
 def test_cat_is_a_problem_only_for_the_spaces_it_touches() -> None:
     graph = analyse(CatModel())
     assert graph.group("fc1").problems == [
-        "'cat' (cat) is not supported on a changed channel space"
+        "'cat' in CatModel.forward is not supported on a changed channel space"
     ]
     assert graph.group("fc2").problems == [
-        "'cat' (cat) is not supported on a changed channel space"
+        "'cat' in CatModel.forward is not supported on a changed channel space"
     ]
     assert graph.group("head").problems == [OUTPUT]
 

@@ -569,9 +569,9 @@ ERRORS: list[tuple[Factory, Op, type[Exception], str]] = [
      r"^cannot widen '4': its output is an output of the model \(widening would change the "
      r"output shape\) \(coupled layers: \['4'\]\)$"),
     (CatModel, lambda m: dynarch.widen(m, "fc1", 12), UnsupportedModelError,
-     r"^cannot widen 'fc1': 'cat' \(cat\) is not supported on a changed channel space"),
+     r"^cannot widen 'fc1': 'cat' in CatModel\.forward is not supported on a changed channel"),
     (CatModel, lambda m: dynarch.shrink(m, "fc2", [0]), UnsupportedModelError,
-     r"^cannot shrink 'fc2': 'cat' \(cat\) is not supported"),
+     r"^cannot shrink 'fc2': 'cat' in CatModel\.forward is not supported"),
     (DataDependent, lambda m: dynarch.widen(m, "fc1", 12), UnsupportedModelError,
      r"^cannot trace DataDependent with torch\.fx .*data-dependent control flow$"),
     (Twice, lambda m: dynarch.widen(m, "fc", 6), UnsupportedModelError,

@@ -128,7 +128,9 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def resolve(model: nn.Module, name: str, kinds: tuple[type[nn.Module], ...] | None = None) -> nn.Module:
+def resolve(
+    model: nn.Module, name: str, kinds: tuple[type[nn.Module], ...] | None = None
+) -> nn.Module:
     """The submodule called ``name``; a clear error when absent or of the wrong kind."""
     modules = dict(model.named_modules())
     if name not in modules or name == "":
@@ -158,10 +160,16 @@ def trace(model: nn.Module) -> fx.Graph:
 
 
 def _op_name(node: fx.Node) -> str:
+    """``'cat' in module 'blk' (Block)``: the op and the module whose forward calls it."""
     t = node.target
-    if node.op == "call_method":
-        return f"Tensor.{t}"
-    return getattr(t, "__name__", str(t))
+    op = f"Tensor.{t}" if node.op == "call_method" else getattr(t, "__name__", str(t))
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        owner = f"module '{path}' ({getattr(cls, '__name__', cls)})"
+    else:
+        owner = f"{node.meta.get('dynarch_root', 'the model')}.forward"
+    return f"'{op}' in {owner}"
 
 
 def analyse(model: nn.Module) -> ModelGraph:
@@ -189,6 +197,7 @@ def analyse(model: nn.Module) -> ModelGraph:
         return found
 
     for node in graph.nodes:
+        node.meta["dynarch_root"] = type(model).__name__
         ins = tracked((node.args, node.kwargs))
         first = refs.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if node.op == "call_module":
@@ -248,7 +257,10 @@ def analyse(model: nn.Module) -> ModelGraph:
                 refs[node] = out
         elif node.op == "output":
             for r in ins:
-                flag(r, "its output is an output of the model (widening would change the output shape)")
+                flag(
+                    r,
+                    "its output is an output of the model (widening would change the output shape)",
+                )
 
     for name, spaces in inputs.items():  # a layer reused on inputs of different spaces
         origins = {uf.find(s) if s is not None else -1 for s in spaces}
@@ -269,7 +281,11 @@ def analyse(model: nn.Module) -> ModelGraph:
     for space, cons in consumers.items():
         g = grp(space)
         g.consumers.extend(c for c in cons if c not in g.consumers)
-    for table, attr in ((norms, "norms"), (ln_over, "layernorm_over_channels"), (problems, "problems")):
+    for table, attr in (
+        (norms, "norms"),
+        (ln_over, "layernorm_over_channels"),
+        (problems, "problems"),
+    ):
         for space, items in table.items():
             lst = getattr(grp(space), attr)
             lst.extend(i for i in items if i not in lst)
@@ -309,7 +325,7 @@ def _function(
         if len(ins) == 2:
             a, b = ins
             if a.axis != b.axis or a.flat != b.flat:
-                return f"'{_op_name(node)}' ({node.name}) combines tensors with different layouts"
+                return f"{_op_name(node)} combines tensors with different layouts"
             uf.union(a.space, b.space)
             return a
         other = [x for x in node.args if not (isinstance(x, fx.Node) and x in refs)]
@@ -336,7 +352,7 @@ def _function(
             return first if keep else _Ref(first.space, -1, 2)
     elif is_method and t == "size":
         return None
-    return f"'{_op_name(node)}' ({node.name}) is not supported on a changed channel space"
+    return f"{_op_name(node)} is not supported on a changed channel space"
 
 
 def _is_scalar(x: Any, modules: dict[str, nn.Module]) -> bool:
