@@ -18,11 +18,10 @@ allowed keys in optimizer: name, lr, momentum, weight_decay, nesterov, betas, ep
 from __future__ import annotations
 
 import datetime
-import difflib
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union
 
 import torch
 import yaml
@@ -31,6 +30,7 @@ from pydantic import model_validator as _model_validator
 from torch import nn
 
 from . import models
+from ._config_errors import problem, suggest
 
 __all__ = [
     "CNNConfig", "ConfigError", "DataConfig", "EarlyStoppingConfig", "GrowthConfig", "MLPConfig",
@@ -85,7 +85,7 @@ class DataConfig(_Section):
 
         if name not in available():
             names = available()
-            hint = _suggest(name, names)
+            hint = suggest(name, names)
             raise ValueError(f"{name!r} is not available{hint}; choose one of {', '.join(names)}")
         return name
 
@@ -281,12 +281,12 @@ def growth_targets(cfg: GrowthConfig, model: nn.Module) -> list[str]:
         if name not in hidden:
             raise ConfigError(
                 f"growth.targets: {name!r} is not a widenable layer of this model"
-                f"{_suggest(name, hidden)}; allowed: {', '.join(hidden)} (or 'hidden' for all)"
+                f"{suggest(name, hidden)}; allowed: {', '.join(hidden)} (or 'hidden' for all)"
             )
     return list(cfg.targets)
 
 
-# ---------------------------------------------------------------- loading and errors
+# ---------------------------------------------------------------- loading and validating
 
 
 class _Loader(yaml.SafeLoader):
@@ -298,121 +298,6 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
-
-
-def _suggest(value: object, choices: Sequence[str]) -> str:
-    lower = {str(c).lower(): str(c) for c in choices}
-    close = difflib.get_close_matches(str(value).lower(), list(lower), n=1)
-    return f" (did you mean {lower[close[0]]!r}?)" if close else ""
-
-
-def _unwrap(ann: Any) -> Any:
-    """``X | None`` -> ``X``; ``Annotated[X, ...]`` -> ``X``."""
-    if get_origin(ann) is Annotated:
-        return _unwrap(get_args(ann)[0])
-    args = [a for a in get_args(ann) if a is not type(None)]
-    if get_origin(ann) in (Union, type(int | None)) and len(args) == 1:
-        return _unwrap(args[0])
-    return ann
-
-
-def _walk(loc: tuple[int | str, ...]) -> tuple[list[str], type[BaseModel] | None, Any, Any]:
-    """Follow a pydantic error location through the config classes: the user-facing key
-    path (union tags dropped), the section holding the last key, that key's FieldInfo
-    (None when the path ends inside a list) and the annotation at the end of the path."""
-    path: list[str] = []
-    ann: Any = RunConfig
-    section: type[BaseModel] | None = None
-    field = None
-    for item in loc:
-        ann = _unwrap(ann)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            section, field = ann, ann.model_fields.get(str(item))
-            path.append(str(item))
-            ann = field.annotation if field is not None else None
-            continue
-        members = [_unwrap(m) for m in get_args(ann)]
-        if members and all(isinstance(m, type) and issubclass(m, BaseModel) for m in members):
-            tagged = {get_args(m.model_fields["kind"].annotation)[0]: m for m in members}
-            ann = tagged.get(item)  # a discriminated union's tag is not a key of the file
-            continue
-        path.append(f"[{item}]" if isinstance(item, int) else str(item))
-        args, field = get_args(ann), None
-        ann = args[0] if get_origin(ann) in (list, tuple) and args else None
-    return path, section, field, ann
-
-
-def _dotted(path: list[str]) -> str:
-    return ".".join(path).replace(".[", "[")
-
-
-def _bounds(field: Any, ann: Any, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Constraints (gt, ge, lt, le, min_length, max_length) of a field, else from ``ctx``."""
-    keys = ("gt", "ge", "lt", "le", "min_length", "max_length")
-    if field is not None:
-        meta = field.metadata
-    else:  # a list item: the constraints sit in its Annotated[...] type
-        meta = [m for a in get_args(ann)[1:] for m in getattr(a, "metadata", [a])]
-    found = {k: getattr(m, k) for m in meta for k in keys if getattr(m, k, None) is not None}
-    return found or {k: ctx[k] for k in keys if k in ctx}
-
-
-def _range_text(b: dict[str, Any]) -> str:
-    lo, hi = b.get("gt", b.get("ge")), b.get("lt", b.get("le"))
-    if lo is not None and hi is not None:
-        left, right = "(" if "gt" in b else "[", ")" if "lt" in b else "]"
-        return f"a number in {left}{lo}, {hi}{right}"
-    sign = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    return " and ".join(f"{sign[op]} {v}" for op, v in b.items() if op in sign)
-
-
-_MAPPING = "a mapping of keys"
-_TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string"}
-_TYPES |= {"list": "a list", "tuple": "a list", "dict": _MAPPING, "model": _MAPPING}
-_TYPES |= {"model_attributes": _MAPPING, "int_from_float": "an integer"}
-
-
-def _problem(err: Any) -> str:
-    """One line for one pydantic error: key path, bad value, what is allowed."""
-    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    path, section, field, ann = _walk(tuple(err["loc"]))
-    where = _dotted(path) or "config"
-    if kind in ("value_error", "assertion_error"):
-        msg = str(ctx.get("error", err["msg"]))
-        return msg if not path or msg.startswith(f"{where}.") else f"{where}: {msg}"
-    if kind == "extra_forbidden" and section is not None:
-        allowed = list(section.model_fields)
-        scope = f"in {_dotted(path[:-1])}" if len(path) > 1 else "at the top level"
-        hint = _suggest(path[-1], allowed)
-        return f"unknown key {where!r}{hint}; allowed keys {scope}: {', '.join(allowed)}"
-    if kind == "union_tag_not_found":
-        tags = [get_args(m.model_fields["kind"].annotation)[0] for m in get_args(_unwrap(ann))]
-        return f"{where}.kind is missing; set it to one of {', '.join(map(repr, tags))}"
-    if kind == "union_tag_invalid":
-        tags = ctx["expected_tags"]
-        hint = _suggest(ctx["tag"], re.findall(r"'([^']*)'", tags))
-        return f"{where}.kind: {ctx['tag']!r} is not allowed; choose one of {tags}{hint}"
-    if kind == "literal_error":
-        lit = _unwrap(ann)
-        choices = [str(c) for c in get_args(lit)] if get_origin(lit) is Literal else []
-        listed = ", ".join(map(repr, choices)) if choices else str(ctx.get("expected", ""))
-        hint = _suggest(value, choices)
-        return f"{where}: {value!r} is not allowed; choose one of {listed}{hint}"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return (
-            f"{where}: {value!r} is out of range; allowed: {_range_text(_bounds(field, ann, ctx))}"
-        )
-    if kind in ("too_short", "too_long"):
-        b = _bounds(field, ann, ctx)
-        lo, hi = b.get("min_length"), b.get("max_length")
-        need = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"at most {hi}"
-        return f"{where}: {value!r} has {ctx.get('actual_length')} items; expected {need}"
-    if kind == "missing":
-        return f"{where}: required key is missing"
-    base = kind.rsplit("_", 1)[0] if kind.endswith(("_type", "_parsing")) else kind
-    if base in _TYPES:
-        return f"{where}: expected {_TYPES[base]}, got {value!r} ({type(value).__name__})"
-    return f"{where}: {err['msg']} (got {value!r})"
 
 
 def _raise(source: str, problems: list[str]) -> None:
@@ -434,7 +319,7 @@ def validate_config(data: Any, *, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        _raise(source, [_problem(e) for e in exc.errors()])
+        _raise(source, [problem(e, RunConfig) for e in exc.errors()])
     raise AssertionError("unreachable")
 
 

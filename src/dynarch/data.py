@@ -1,7 +1,8 @@
 """Real datasets as tensors with a fixed train/test split.
 
-Fashion-MNIST and MNIST are read from IDX files found on disk (or downloaded and checked
-with SHA-256); MNIST-1D is generated locally with the ``mnist1d`` package and cached.
+Fashion-MNIST and MNIST are read from IDX files (:mod:`dynarch._idx`) found on disk (or
+downloaded and checked with SHA-256); MNIST-1D is generated locally with the ``mnist1d``
+package and cached.
 
 Example:
     >>> from dynarch.data import load
@@ -12,16 +13,13 @@ Example:
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
 import random
-import struct
 import tempfile
 import urllib.request
 import warnings
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
+
+from ._idx import STEMS, DataCorruptError, find_idx, read_idx_splits
 
 __all__ = [
     "GZ_SHA256",
@@ -88,12 +88,6 @@ IDX_SHA256: dict[str, dict[str, str]] = {
     "mnist": {},
 }
 
-_STEMS = {  # Dataset field -> IDX file stem
-    "train_x": "train-images-idx3-ubyte",
-    "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte",
-    "test_y": "t10k-labels-idx1-ubyte",
-}
 _ALIASES = {"fashionmnist": "fashion-mnist", "mnist": "mnist", "mnist1d": "mnist1d"}
 
 
@@ -102,15 +96,6 @@ class DataNotFoundError(FileNotFoundError):
 
     Example:
         >>> issubclass(DataNotFoundError, FileNotFoundError)
-        True
-    """
-
-
-class DataCorruptError(ValueError):
-    """A dataset file is damaged (bad gzip, bad IDX header, truncated, wrong checksum).
-
-    Example:
-        >>> issubclass(DataCorruptError, ValueError)
         True
     """
 
@@ -270,12 +255,12 @@ def load(
         return _load_mnist1d(data_dir(name, root))
     tried: list[str] = []
     for d in search_dirs(name, root):
-        files, missing = _find_idx(d)
+        files, missing = find_idx(d)
         if not missing:
             return _read_idx_dataset(name, files)
-        lacking = ", ".join(_STEMS[f] for f in missing)
+        lacking = ", ".join(STEMS[f] for f in missing)
         tried.append(f"  {d}: " + ("not found" if not files else f"missing {lacking}"))
-    hint = f"Looked for {', '.join(_STEMS.values())} (plain or .gz) in:\n" + "\n".join(tried)
+    hint = f"Looked for {', '.join(STEMS.values())} (plain or .gz) in:\n" + "\n".join(tried)
     fix = "\nTo fix: "
     if name == "fashion-mnist":
         fix += "`sudo apt-get install dataset-fashion-mnist`, or "
@@ -286,88 +271,20 @@ def load(
     target = data_dir(name, root)
     url = MIRRORS[name]
     try:
-        for field in _find_idx(target)[1]:
-            url = MIRRORS[name].rstrip("/") + f"/{_STEMS[field]}.gz"
-            _download(url, target / f"{_STEMS[field]}.gz", GZ_SHA256[name][field], progress)
+        for field in find_idx(target)[1]:
+            url = MIRRORS[name].rstrip("/") + f"/{STEMS[field]}.gz"
+            _download(url, target / f"{STEMS[field]}.gz", GZ_SHA256[name][field], progress)
     except OSError as exc:  # URLError, timeouts, disk errors
         raise DataNotFoundError(
             f"dataset {name!r} not found and downloading {url} into {target} failed: {exc}. "
             f"{hint}{fix}"
         ) from exc
-    return _read_idx_dataset(name, _find_idx(target)[0])
-
-
-def _find_idx(d: Path) -> tuple[dict[str, Path], list[str]]:
-    files: dict[str, Path] = {}
-    for field, stem in _STEMS.items():
-        for candidate in (d / stem, d / f"{stem}.gz"):
-            if candidate.is_file():
-                files[field] = candidate
-                break
-    return files, [f for f in _STEMS if f not in files]
-
-
-def _read_idx(path: Path, ndim: int, digest: str | None) -> np.ndarray:
-    raw = path.read_bytes()
-    if path.name.endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DataCorruptError(
-                f"{path}: not a valid gzip file ({exc}); delete it and fetch it again"
-            ) from exc
-    if len(raw) < 4 + 4 * ndim:
-        raise DataCorruptError(
-            f"{path}: truncated: {len(raw)} bytes, shorter than the {4 + 4 * ndim}-byte IDX header"
-        )
-    magic = int.from_bytes(raw[:4], "big")
-    expected_magic = 0x0800 | ndim
-    if magic != expected_magic:
-        what = (
-            "not an IDX file (the first two bytes must be zero)"
-            if raw[0] or raw[1]
-            else f"dtype code 0x{raw[2]:02x}, expected 0x08 (unsigned byte)"
-            if raw[2] != 0x08
-            else f"{raw[3]} dimensions, expected {ndim}"
-        )
-        raise DataCorruptError(
-            f"{path}: bad IDX magic number 0x{magic:08x}, expected 0x{expected_magic:08x}: {what}"
-        )
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    need, got = int(np.prod(shape)), len(raw) - 4 - 4 * ndim
-    if got != need:
-        problem = "truncated" if got < need else "has trailing bytes"
-        raise DataCorruptError(
-            f"{path}: {problem}: the header says shape {shape} = {need} bytes of data, "
-            f"the file holds {got}"
-        )
-    if digest is not None and (actual := hashlib.sha256(raw).hexdigest()) != digest:
-        raise DataCorruptError(
-            f"{path}: SHA-256 of the decompressed IDX data is {actual}, expected {digest}; "
-            "the file is damaged or not the original, delete it and fetch it again"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return _read_idx_dataset(name, find_idx(target)[0])
 
 
 def _read_idx_dataset(name: str, files: dict[str, Path]) -> Dataset:
-    arrays = {
-        f: _read_idx(files[f], 3 if f.endswith("_x") else 1, IDX_SHA256[name].get(f))
-        for f in _STEMS
-    }
-    tensors: dict[str, Tensor] = {}
-    for split in ("train", "test"):
-        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
-        xs, ys = files[f"{split}_x"], files[f"{split}_y"]
-        if x.shape[1:] != (28, 28):
-            raise DataCorruptError(f"{xs}: images are {x.shape[1:]} pixels, expected (28, 28)")
-        if len(x) != len(y):
-            raise DataCorruptError(f"{xs} holds {len(x)} images but {ys} holds {len(y)} labels")
-        if len(y) and int(y.max()) > 9:
-            raise DataCorruptError(f"{ys}: label {int(y.max())} out of range, expected 0..9")
-        fx = x.astype(np.float32)
-        np.divide(fx, np.float32(255.0), out=fx)
-        tensors[f"{split}_x"] = torch.from_numpy(fx).unsqueeze(1)
-        tensors[f"{split}_y"] = torch.from_numpy(y.astype(np.int64))
+    """The dataset ``name`` from its four IDX ``files``, checked against ``IDX_SHA256``."""
+    tensors = read_idx_splits(files, IDX_SHA256[name])
     return Dataset(name=name, num_classes=10, input_shape=(1, 28, 28), **tensors)
 
 

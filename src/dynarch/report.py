@@ -1,0 +1,288 @@
+"""Plain-text reports of runs: the tables ``dynarch run`` prints and ``dynarch inspect``.
+
+Everything here reads a config, ``summary.json`` or a run directory and returns text; nothing
+trains. :func:`inspect_run` is the whole ``dynarch inspect`` report.
+
+Example:
+    >>> print(format_table(["op", "step"], [["widen", 120], ["prune", 80]]))
+    op     step
+    -----  ----
+    widen   120
+    prune    80
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from torch import nn
+
+from ._engine import count_params
+from .config import RunConfig, validate_config
+from .models import layer_widths
+
+__all__ = [
+    "RUN_FILES",
+    "UsageProblem",
+    "config_lines",
+    "event_rows",
+    "format_table",
+    "inspect_run",
+    "read_jsonl",
+    "summary_text",
+]
+
+RUN_FILES = ("config.json", "metrics.jsonl", "events.jsonl", "checkpoint")
+"""The files and folder whose presence makes a directory a run directory."""
+
+
+class UsageProblem(click.ClickException):
+    """A user-fixable problem (bad config, not a run dir): message and exit code 2, no traceback.
+
+    Example:
+        >>> UsageProblem("bad").exit_code
+        2
+    """
+
+    exit_code = 2
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table; numbers are right-aligned.
+
+    Example:
+        >>> print(format_table(["layer", "width"], [["fc1", 32]]))
+        layer  width
+        -----  -----
+        fc1       32
+    """
+    cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(_is_number(r[i]) for r in rows) and bool(rows) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths]), *map(line, cells[1:])])
+
+
+def _is_number(value: Any) -> bool:
+    """True for ints and floats (right-aligned in tables), False for bools and the rest."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _pct(value: float | None) -> str | None:
+    """``0.5`` -> ``"50.00%"``; None stays None (a table shows it as ``-``)."""
+    return None if value is None else f"{100 * value:.2f}%"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` file (``metrics.jsonl``, ``events.jsonl``), in order.
+
+    Blank lines are skipped.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+        >>> _ = path.write_text('{"step": 1}\\n\\n{"step": 2}\\n')
+        >>> read_jsonl(path)
+        [{'step': 1}, {'step': 2}]
+    """
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def config_lines(cfg: RunConfig) -> list[str]:
+    """A short human description of a run config, one aspect per line.
+
+    Example:
+        >>> config_lines(RunConfig())[0]
+        'data       mnist1d (all train / all test samples)'
+    """
+    d, m, o, t = cfg.data, cfg.model, cfg.optimizer, cfg.train
+    shape = f"hidden {m.hidden}" if m.kind == "mlp" else f"channels {m.channels}, fc {m.hidden}"
+    lines = [
+        f"data       {d.name} ({d.n_train or 'all'} train / {d.n_test or 'all'} test samples)",
+        f"model      {m.kind}, {shape}, {m.activation}",
+        f"optimizer  {o.name}, lr {o.lr:g}, weight decay {o.weight_decay:g}",
+        f"train      {t.epochs} epochs, batch {t.batch_size}, seed {cfg.seed}, {cfg.device}"
+        + (f", max {t.max_steps} steps" if t.max_steps else ""),
+    ]
+    if t.early_stopping:
+        es = t.early_stopping
+        lines.append(f"stopping   early on {es.monitor}, patience {es.patience}")
+    if cfg.growth:
+        g = cfg.growth
+        lines.append(
+            f"growth     widen {g.targets} x{g.factor:g} ({g.init}, noise {g.noise:g}) on a "
+            f"{g.monitor} plateau (patience {g.patience}, threshold {g.threshold:g}), "
+            f"max width {g.max_width or '-'}, max events {g.max_events or '-'}"
+        )
+    if cfg.sparsity:
+        lines.append(f"sparsity   density {cfg.sparsity.density:g} ({cfg.sparsity.distribution})")
+    return lines
+
+
+def event_rows(events: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each event with the validation accuracy before it and at the next evaluation after it.
+
+    Example:
+        >>> ev = {"step": 10, "op": "widen", "target": "fc1", "reason": "plateau",
+        ...       "params_before": 5, "params_after": 9, "details": {}}
+        >>> evals = [{"step": 10, "val_accuracy": 0.5}, {"step": 20, "val_accuracy": 0.6}]
+        >>> row = event_rows([ev], evals)[0]
+        >>> row["acc_before"], row["acc_after"]
+        (0.5, 0.6)
+    """
+    evals = [m for m in metrics if "val_accuracy" in m]
+    rows = []
+    for ev in events:
+        before = [m["val_accuracy"] for m in evals if m["step"] <= ev["step"]]
+        after = [m["val_accuracy"] for m in evals if m["step"] > ev["step"]]
+        details = ev.get("details") or {}
+        change = None
+        if "old_width" in details and "new_width" in details:
+            change = f"{details['old_width']}->{details['new_width']}"
+        layers = [v for v in details.values() if isinstance(v, dict) and "active" in v]
+        if layers:
+            active, total = (sum(v[k] for v in layers) for k in ("active", "total"))
+            change = f"density {active / max(total, 1):.3f}"
+        row = {k: ev[k] for k in ("step", "op", "target", "params_before", "params_after")}
+        row |= {"change": change, "reason": ev.get("reason") or None}
+        row |= {
+            "acc_before": before[-1] if before else None,
+            "acc_after": after[0] if after else None,
+        }
+        rows.append(row)
+    return rows
+
+
+def _events_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`event_rows` as a table, or a line saying there were none."""
+    if not rows:
+        return "no structural events"
+    headers = ["step", "op", "target", "change", "trigger", "params", "val acc before", "after"]
+    return format_table(
+        headers,
+        [
+            [
+                r["step"], r["op"], r["target"], r["change"], r["reason"],
+                f"{r['params_before']} -> {r['params_after']}",
+                _pct(r["acc_before"]), _pct(r["acc_after"]),
+            ]
+            for r in rows
+        ],
+    )  # fmt: skip
+
+
+def _layers_table(
+    end: dict[str, int], start: dict[str, int] | None, density: dict[str, float]
+) -> str:
+    """Layer widths at the end (and at the start, if known) and each layer's density."""
+    headers = ["layer", *(["width at start"] if start is not None else []), "width"]
+    headers += ["density"] if density else []
+    rows = []
+    for name, width in end.items():
+        row: list[Any] = [name]
+        if start is not None:
+            row.append(start.get(name))
+        row.append(width)
+        if density:
+            row.append(f"{density[name]:.3f}" if name in density else "dense")
+        rows.append(row)
+    return format_table(headers, rows)
+
+
+def _density(model: nn.Module) -> dict[str, float]:
+    """Density of each masked layer of ``model`` (empty when nothing is masked)."""
+    from .masks import layer_density
+
+    return layer_density(model)
+
+
+def summary_text(s: dict[str, Any]) -> str:
+    """The report ``dynarch run`` prints at the end, from its ``summary.json`` dict ``s``.
+
+    Example:
+        >>> s = {"run_dir": "runs/x", "steps": 20, "seconds": 1.25, "best": {}, "events": [],
+        ...      "params": {"start": 10, "end": 14}, "density": {},
+        ...      "widths": {"start": {"fc1": 2}, "end": {"fc1": 3}},
+        ...      "final": {"step": 20, "val_loss": 0.5, "val_accuracy": 0.75}}
+        >>> print(summary_text(s))
+        layer  width at start  width
+        -----  --------------  -----
+        fc1                 2      3
+        <BLANKLINE>
+        parameters      10 -> 14
+        final val acc   75.00% (val loss 0.5000, step 20)
+        best val acc    None
+        trained         20 steps in 1.2 s
+        <BLANKLINE>
+        no structural events
+        <BLANKLINE>
+        run dir: runs/x
+    """
+    final = s["final"]
+    p = s["params"]
+    lines = [
+        _layers_table(s["widths"]["end"], s["widths"]["start"], s["density"]),
+        "",
+        f"parameters      {p['start']} -> {p['end']}",
+        f"final val acc   {_pct(final.get('val_accuracy'))} "
+        f"(val loss {final.get('val_loss', float('nan')):.4f}, step {final.get('step', '-')})",
+        f"best val acc    {_pct(s['best'].get('val_accuracy'))}",
+        f"trained         {s['steps']} steps in {s['seconds']:.1f} s",
+        "",
+        _events_table(s["events"]),
+        "",
+        f"run dir: {s['run_dir']}",
+    ]
+    return "\n".join(lines)
+
+
+def inspect_run(run_dir: str | Path) -> str:
+    """The report ``dynarch inspect`` prints for a run directory.
+
+    Example:
+        >>> inspect_run("/nonexistent")
+        Traceback (most recent call last):
+        ...
+        dynarch.report.UsageProblem: '/nonexistent' is not a run directory: it does not exist
+    """
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise UsageProblem(f"{str(root)!r} is not a run directory: it does not exist")
+    missing = [name for name in RUN_FILES if not (root / name).exists()]
+    if missing:
+        raise UsageProblem(
+            f"{str(root)!r} is not a run directory: missing {', '.join(missing)} "
+            "(a run directory is written by `dynarch run`)"
+        )
+    from .checkpoint import load
+
+    cfg = validate_config(json.loads((root / "config.json").read_text()), source="config.json")
+    model = load(root / "checkpoint").model
+    summary_path = root / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    metrics = read_jsonl(root / "metrics.jsonl")
+    evals = [m for m in metrics if "val_loss" in m]
+    final = evals[-1] if evals else {}
+    start = summary.get("widths", {}).get("start")
+    parts = [
+        f"run {root}",
+        *config_lines(cfg),
+        "",
+        _layers_table(layer_widths(model), start, _density(model)),
+        f"\nparameters      {count_params(model)}",
+        f"final metrics   step {final.get('step', '-')}, epoch {final.get('epoch', '-')}, "
+        f"val loss {final.get('val_loss', float('nan')):.4f}, "
+        f"val acc {_pct(final.get('val_accuracy'))}",
+        "",
+        _events_table(event_rows(read_jsonl(root / "events.jsonl"), metrics)),
+    ]
+    return "\n".join(parts)
