@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._engine import _ATTR as _ENGINE_ATTR
 from ._engine import engine_state
 from .events import Event
 from .rng import capture_rng, restore_rng
@@ -224,6 +225,12 @@ class Checkpoint:
         model order), checking the parameter names line up; returns it."""
         if not self.optimizer_state:
             raise CheckpointError("this checkpoint was saved without an optimizer")
+        saved_groups = self.optimizer_state["param_groups"]
+        if len(saved_groups) != len(optimizer.param_groups):
+            raise CheckpointError(
+                f"the optimizer has {len(optimizer.param_groups)} param groups but the "
+                f"checkpoint saved {len(saved_groups)}; build it with the same groups"
+            )
         names = {id(p): n for n, p in self.model.named_parameters()}
         for gi, (saved, live) in enumerate(
             zip(self.optimizer_state["param_groups"], optimizer.param_groups, strict=False)
@@ -235,7 +242,10 @@ class Checkpoint:
                     f"{saved['param_names'][:4]}…; "
                     "build it on the loaded model's parameters in order"
                 )
-        optimizer.load_state_dict(self.optimizer_state)
+        # The names only check the order: they are not put into the live optimizer's groups
+        # (torch would then refuse groups added later without names).
+        groups = [{k: v for k, v in g.items() if k != "param_names"} for g in saved_groups]
+        optimizer.load_state_dict({"state": self.optimizer_state["state"], "param_groups": groups})
         return optimizer
 
 
@@ -256,6 +266,12 @@ def _read_arch(path: Path) -> dict[str, Any]:
             f"'{path}' has checkpoint format version {arch.get('version')!r}; "
             f"this dynarch reads {VERSION}"
         )
+    shapes = {"base": dict, "events": list, "engine": dict, "files": dict}
+    bad = [k for k, t in shapes.items() if not isinstance(arch.get(k), t)]
+    if bad or not isinstance(arch["engine"].get("seed"), int):
+        raise CheckpointError(
+            f"'{arch_file}' is damaged: missing or malformed entries {bad or ['engine.seed']}"
+        )
     for name in FILES:
         file = path / name
         if not file.is_file():
@@ -275,7 +291,10 @@ def _base_model(
 ) -> nn.Module:
     base = arch["base"]
     if base.get("kind") == "spec":
-        return build(base["module"])
+        try:
+            return build(base["module"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"cannot build the base architecture: {exc}") from exc
     wanted = base.get("class", "?")
     if model is None:
         raise CheckpointError(
@@ -283,12 +302,47 @@ def _base_model(
             f"dynarch.load(path, model={wanted.rsplit('.', 1)[-1]}) "
             "(the class, a factory or a fresh instance)"
         )
+    # (engine state is read without creating it: the instance given is never modified)
+    if isinstance(model, nn.Module) and getattr(model.__dict__.get(_ENGINE_ATTR), "history", None):
+        raise CheckpointError(
+            "the model instance given was already changed by dynarch; "
+            "pass a freshly constructed one, the class or a factory"
+        )
     instance = copy.deepcopy(model) if isinstance(model, nn.Module) else model()
     if class_path(instance) != wanted:
         raise CheckpointError(
             f"checkpoint was made from '{wanted}', but the model given is '{class_path(instance)}'"
         )
     return instance
+
+
+def _rebuild(
+    path: Path,
+    arch: dict[str, Any],
+    model: type[nn.Module] | Callable[[], nn.Module] | nn.Module | None,
+    modules: dict[str, type[nn.Module]],
+) -> tuple[nn.Module, list[Event]]:
+    """The base model with the structure of every recorded event replayed (fresh weights)."""
+    try:
+        events = [Event.from_dict(e) for e in arch["events"]]
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"'{path}/arch.json' holds a malformed event: {exc}") from None
+    net = _base_model(arch, model)
+    engine_state(net).seed = int(arch["engine"]["seed"])
+    _ensure_replays()
+    for event in events:
+        if not event.replay:
+            continue
+        fn = _REPLAY.get(event.op)
+        if fn is None:
+            raise CheckpointError(
+                f"checkpoint holds a '{event.op}' event this dynarch cannot rebuild"
+            )
+        try:
+            fn(net, event.replay, modules)
+        except Exception as exc:
+            raise CheckpointError(f"cannot replay event {event.summary()!r}: {exc}") from exc
+    return net, events
 
 
 def load(
@@ -313,26 +367,9 @@ def load(
     """
     path = Path(path)
     arch = _read_arch(path)
-    net = _base_model(arch, model)
-    try:
-        events = [Event.from_dict(e) for e in arch["events"]]
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"'{path}/arch.json' holds a malformed event: {exc}") from None
+    with torch.random.fork_rng(devices=[]):  # building layers must not move the global RNG
+        net, events = _rebuild(path, arch, model, modules or {})
     st = engine_state(net)
-    st.seed = int(arch["engine"]["seed"])
-    _ensure_replays()
-    for event in events:
-        if not event.replay:
-            continue
-        fn = _REPLAY.get(event.op)
-        if fn is None:
-            raise CheckpointError(
-                f"checkpoint holds a '{event.op}' event this dynarch cannot rebuild"
-            )
-        try:
-            fn(net, event.replay, modules or {})
-        except (KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"cannot replay event {event.summary()!r}: {exc}") from exc
     try:
         tensors = load_file(str(path / "model.safetensors"), device=str(map_location))
         user = torch.load(path / "state.pt", weights_only=True, map_location=map_location)
@@ -348,6 +385,15 @@ def load(
             f"checkpoint '{path}' does not fit the rebuilt model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shape mismatch {wrong[:5]}"
         )
+    for key in [k for k in own if own[k].dtype != tensors[k].dtype]:  # keep saved dtypes
+        owner, _, attr = key.rpartition(".")
+        mod = net.get_submodule(owner)
+        if attr in mod._parameters:
+            param = mod._parameters[attr]
+            assert param is not None
+            param.data = param.data.to(tensors[key].dtype)  # same Parameter object (ties kept)
+        else:
+            mod._buffers[attr] = tensors[key].clone()  # overwritten below
     net.load_state_dict(tensors, strict=True)
     net.to(map_location)
     st.history = events

@@ -44,8 +44,10 @@ _SIMPLE_ARGS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.Dropout: ("p", "inplace"), nn.Dropout2d: ("p", "inplace"), nn.AlphaDropout: ("p", "inplace"),
     nn.Flatten: ("start_dim", "end_dim"),
     nn.MaxPool2d: ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode"),
-    nn.AvgPool2d: ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad"),
-    nn.AdaptiveAvgPool2d: ("output_size",), nn.AdaptiveMaxPool2d: ("output_size",),
+    nn.AvgPool2d: (
+        "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override",
+    ),
+    nn.AdaptiveAvgPool2d: ("output_size",), nn.AdaptiveMaxPool2d: ("output_size", "return_indices"),
 }  # fmt: skip
 _BY_NAME = {cls.__name__: cls for cls in _SIMPLE_ARGS}
 _CONTAINERS: dict[str, type[nn.Module]] = {
