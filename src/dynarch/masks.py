@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ._engine import engine_state, transaction
 from .budgets import DISTRIBUTIONS, check_choice, check_density, layer_budgets
 from .events import Event
+from .select import topk_mask
 
 __all__ = [
     "DISTRIBUTIONS", "SCORES", "MaskEnforcer", "apply_masks", "enforce", "get_enforcer",
@@ -189,21 +190,17 @@ def _choose(
     weight: Tensor, mask: Tensor | None, k: int, score: str, gen: torch.Generator
 ) -> Tensor:
     """Flat bool mask with exactly ``k`` True: currently active positions rank first, then
-    the score (|w| or none); ties are broken by seeded uniform draws.
-
-    One ``topk`` over an exact int64 key: bit 62 = active, bits 31..61 = the IEEE bits of
-    |w| as float32 (monotone in |w| for non-negative floats), bits 0..30 = a random draw.
-    """
+    the score (|w|, or uniform draws for ``"random"``); ties are broken by seeded draws."""
     flat = weight.detach().reshape(-1)
-    draws = torch.randint(0, 2**31, (flat.numel(),), generator=gen, dtype=torch.int64)
-    key = draws.to(flat.device)
     if score == "magnitude":
-        bits = flat.abs().float().view(torch.int32).to(torch.int64)
-        key = key + (bits << 31)
+        keys = flat.abs().float()
+        floor = -1.0  # below every |w|: inactive positions rank last
+    else:
+        keys = torch.rand(flat.numel(), generator=gen).to(flat.device)
+        floor = -2.0
     if mask is not None:
-        key = key + (mask.reshape(-1).to(torch.int64) << 62)
-    keep = torch.topk(key, k, sorted=False).indices
-    return torch.zeros_like(flat, dtype=torch.bool).scatter_(0, keep, True)
+        keys = torch.where(mask.reshape(-1), keys, floor)
+    return topk_mask(keys, k, gen)
 
 
 def sparsify(
