@@ -84,9 +84,23 @@ def apply_masks(model: nn.Module) -> None:
         >>> apply_masks(nn.Linear(2, 2))  # no masks: nothing to do
     """
     pairs = _pairs(model)
-    if pairs:
-        with torch.no_grad():
-            torch._foreach_mul_([w for w, _ in pairs], [m for _, m in pairs])
+    _multiply([w for w, _ in pairs], [m for _, m in pairs])
+
+
+def _multiply(tensors: list[Tensor], masks: list[Tensor]) -> None:
+    """``tensors[i] *= masks[i]`` in one batched op; each distinct bool mask is converted to
+    its tensor's dtype once (a float multiply is several times faster than a bool one)."""
+    if not tensors:
+        return
+    converted: dict[tuple[int, torch.dtype], Tensor] = {}
+    factors = []
+    for t, m in zip(tensors, masks, strict=True):
+        key = (id(m), t.dtype)
+        if key not in converted:
+            converted[key] = m.to(t.dtype)
+        factors.append(converted[key])
+    with torch.no_grad():
+        torch._foreach_mul_(tensors, factors)
 
 
 def _counts(model: nn.Module) -> tuple[list[str], list[int], list[int]]:
@@ -241,13 +255,13 @@ def sparsify(
                 module.register_buffer(MASK, new, persistent=True)
             else:
                 old.copy_(new)
-            with torch.no_grad():
-                weight.mul_(_mask(module))
             k, n = budgets[name], weight.numel()
             tx.details[name] = {"density": k / n, "active": k, "total": n}
         tx.replay = {"layers": list(layers), "density": density, "distribution": distribution}
-    if optimizer is not None:
-        enforce(model, optimizer)
+        if optimizer is not None:
+            enforce(model, optimizer)  # zeroes masked weights and their optimizer state now
+        else:
+            apply_masks(model)
     assert tx.event is not None
     return tx.event
 
@@ -287,9 +301,7 @@ class MaskEnforcer:
             found = [weight, *(v for v in same if v.is_floating_point() or v.is_complex())]
             tensors += found
             masks += [mask] * len(found)
-        if tensors:
-            with torch.no_grad():
-                torch._foreach_mul_(tensors, masks)
+        _multiply(tensors, masks)
 
     def remove(self) -> None:
         """Detach the hook; :func:`enforce` may register a new one afterwards."""
