@@ -395,7 +395,7 @@ def test_state_dict_and_replay_round_trip() -> None:
     version = engine_state(dst).version
     replay(dst, event.replay)
     assert torch.equal(engine_state(dst).generator.get_state(), gen_before)
-    assert engine_state(dst).history == [] and engine_state(dst).version == version + 1
+    assert engine_state(dst).history == [] and engine_state(dst).version == version + 2
     assert all(bool(m.weight_mask.all()) for m in masked_modules(dst).values())
     masks = {n: m.weight_mask for n, m in masked_modules(dst).items()}
     dst.load_state_dict(state)
@@ -486,3 +486,20 @@ def test_enforce_registers_once_and_remove() -> None:
     assert bool((first.weight[~first.weight_mask] != 0).any())
     with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer, got dict"):
         enforce(model, {})  # type: ignore[arg-type]
+
+
+def test_mask_caches_see_a_change_from_inside_the_transaction() -> None:
+    # regression: is_sparse() cached "no masks" at version v; sparsify must still zero the
+    # masked weights and optimizer state inside its own transaction
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    assert not is_sparse(model)  # caches an empty map at the current version
+    sparsify(model, 0.3, optimizer=opt)
+    for m in masked_modules(model).values():
+        off = ~m.weight_mask
+        assert torch.equal(m.weight[off], torch.zeros_like(m.weight[off]))
+        for v in opt.state[m.weight].values():
+            if v.shape == m.weight.shape:
+                assert torch.equal(v[off], torch.zeros_like(v[off]))

@@ -1,7 +1,8 @@
 """Per-model engine state and the structural transaction.
 
 Every structural change runs inside :func:`transaction`: it measures parameters and time,
-bumps the model's structure ``version`` (caches keyed on it are invalidated), appends the
+bumps the model's structure ``version`` on entry and on exit (caches keyed on it are
+invalidated, for code inside the change as well as after it), appends the
 :class:`~dynarch.events.Event` to the history and notifies listeners (the trainer writes
 them to ``events.jsonl``). The engine owns a seeded :class:`torch.Generator` per model, so
 every random structural decision is reproducible and identical across DDP ranks; global RNG
@@ -118,6 +119,7 @@ def transaction(
     before = count_params(model)
     t0 = time.perf_counter()
     tx = Transaction(model=model, op=op, target=target, reason=reason)
+    st.version += 1  # caches keyed on the version are stale from here on, inside the body too
     yield tx
     seconds = time.perf_counter() - t0
     st.version += 1
