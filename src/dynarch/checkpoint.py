@@ -42,6 +42,7 @@ from torch import nn
 from ._engine import _ATTR as _ENGINE_ATTR
 from ._engine import engine_state
 from .events import Event
+from .replay import register_replay, replay_function
 from .rng import capture_rng, restore_rng
 from .spec import build, class_path, describe_model
 
@@ -51,23 +52,9 @@ FORMAT = "dynarch-checkpoint"
 VERSION = 1
 FILES = ("model.safetensors", "optimizer.pt", "state.pt")
 
-ReplayFn = Callable[[nn.Module, dict[str, Any], dict[str, type[nn.Module]]], None]
-_REPLAY: dict[str, ReplayFn] = {}
-_BUILTINS_REGISTERED = False
-
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, damaged, truncated, foreign or does not fit the model."""
-
-
-def register_replay(op: str) -> Callable[[ReplayFn], ReplayFn]:
-    """Register how to rebuild the structure of events of kind ``op`` (decorator)."""
-
-    def deco(fn: ReplayFn) -> ReplayFn:
-        _REPLAY[op] = fn
-        return fn
-
-    return deco
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -329,11 +316,10 @@ def _rebuild(
         raise CheckpointError(f"'{path}/arch.json' holds a malformed event: {exc}") from None
     net = _base_model(arch, model)
     engine_state(net).seed = int(arch["engine"]["seed"])
-    _ensure_replays()
     for event in events:
         if not event.replay:
-            continue
-        fn = _REPLAY.get(event.op)
+            continue  # not structural (e.g. a rewiring of masks: their values are in the weights)
+        fn = replay_function(event.op)
         if fn is None:
             raise CheckpointError(
                 f"checkpoint holds a '{event.op}' event this dynarch cannot rebuild"
@@ -402,40 +388,3 @@ def load(
     st.generator.set_state(user["engine_generator"])
     st.version += 1
     return Checkpoint(net, opt_state, dict(user["user"]), st.step, user["rng"], events)
-
-
-def _ensure_replays() -> None:
-    """Register the built-in ops' replays (deferred to avoid import cycles)."""
-    global _BUILTINS_REGISTERED
-    if _BUILTINS_REGISTERED:
-        return
-    _BUILTINS_REGISTERED = True
-    from . import insert, masks, surgery
-    from .spec import build as build_spec
-
-    register_replay("widen")(lambda m, a, _: surgery.replay_resize(m, a))
-    register_replay("shrink")(lambda m, a, _: surgery.replay_resize(m, a))
-    register_replay("deepen")(lambda m, a, _: (insert.deepen(m, a["after"], record=False), None)[1])
-    register_replay("detach")(lambda m, a, _: (insert.detach(m, a["slot"], record=False), None)[1])
-    register_replay("sparsify")(lambda m, a, _: masks.replay(m, a))
-
-    @register_replay("attach")
-    def _attach(m: nn.Module, a: dict[str, Any], mods: dict[str, type[nn.Module]]) -> None:
-        spec = a["module"]
-        if "type" in spec:
-            module = build_spec(spec)
-        elif spec["class"] in mods:
-            module = mods[spec["class"]]()
-        else:
-            raise ValueError(
-                f"a custom module '{spec['class']}' was attached; pass "
-                f"modules={{'{spec['class']}': <the class>}} to dynarch.load"
-            )
-        insert.attach(
-            m,
-            a["slot"],
-            module,
-            alpha=a["alpha"],
-            trainable_alpha=a["trainable_alpha"],
-            record=False,
-        )
