@@ -4,6 +4,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test lint typecheck unit bench install clean
 
@@ -33,8 +34,14 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
-bench: $(STAMP)
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python bench/core.py
+	$(BIN)/python bench/dst_speed.py --repeats 15 --block 10 --threads 1
+	$(BIN)/python bench/dst.py --jobs 2 --epochs 10 --methods dense,static,set,deep_r,rigl,snfs,rigl_uniform,rigl-torch
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -88,7 +88,7 @@ def test_run_writes_a_complete_run_dir(tmp_path: Path) -> None:
         "fc1": 16, "fc2": 12, "out": 10,
     }  # fmt: skip
     params = 40 * 16 + 16 + 16 * 12 + 12 + 12 * 10 + 10
-    assert summary["params"] == {"start": params, "end": params}
+    assert summary["params"] == {"start": params, "end": params, "active": params}
     assert summary["final"] == evals[-1] and summary["events"] == []
     model = load(run_dir / "checkpoint").model
     assert [m.out_features for m in model if isinstance(m, torch.nn.Linear)] == [16, 12, 10]
@@ -161,9 +161,53 @@ def test_sparse_run_shows_density(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["events"][0]["change"] == "density 0.500"
     assert set(summary["density"]) == {"fc1", "fc2", "out"}
+    assert summary["params"]["active"] == summary["params"]["end"] - sum(
+        d["total"] - d["active"] for d in events[0]["details"].values()
+    )
     out = _invoke("inspect", str(run_dir)).output
-    assert "layer  width at start  width  density" in out
-    assert "sparsity   density 0.5 (erk)" in out
+    assert "layer  width at start  width  density  active  total" in out
+    for name, d in events[0]["details"].items():  # the final checkpoint's masks
+        row = next(r.split() for r in out.splitlines() if r.startswith(f"{name} "))
+        assert row[3:] == [f"{d['density']:.3f}", str(d["active"]), str(d["total"])]
+    active, total = (sum(d[k] for d in events[0]["details"].values()) for k in ("active", "total"))
+    assert (
+        f"parameters      {summary['params']['end']} ({summary['params']['active']} active; "
+        f"masks keep {active} of {total} weights, density {active / total:.4f})"
+    ) in out
+    assert "sparsity   density 0.5 (erk), static" in out
+    # plots: density over steps and mask heatmaps at steps 0, 4, 8 (3 snapshots) with diffs
+    assert (run_dir / "density.png").is_file() and not (run_dir / "rewiring.png").exists()
+    assert sorted(p.name for p in (run_dir / "masks").iterdir() if p.name.startswith("fc1")) == [
+        "fc1-diff-0-4.png", "fc1-diff-4-8.png", "fc1-step0.png", "fc1-step4.png", "fc1-step8.png",
+    ]  # fmt: skip
+
+
+def test_rewiring_run_records_updates_and_plots(tmp_path: Path) -> None:
+    pytest.importorskip("dynarch.sparse", reason="dynarch.sparse not available yet")
+    run_dir = tmp_path / "run"
+    sparsity = "sparsity={density: 0.3, algorithm: set, delta_t: 3, snapshots: 2}"
+    result = _invoke("run", str(_config(tmp_path)), "--run-dir", str(run_dir), "--no-progress",
+                     "--set", sparsity)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    events = _jsonl(run_dir / "events.jsonl")
+    assert events[0]["op"] == "sparsify" and events[0]["step"] == 0
+    rewires = [e for e in events if e["op"] == "rewire"]
+    assert rewires and all(e["step"] % 3 == 0 for e in rewires)
+    for e in rewires:
+        for layer, d in e["details"].items():
+            assert d["active"] == events[0]["details"][layer]["active"]  # counts preserved
+    assert (run_dir / "density.png").is_file() and (run_dir / "rewiring.png").is_file()
+    assert (run_dir / "masks" / "fc1-diff-0-16.png").is_file()
+    out = _invoke("inspect", str(run_dir)).output
+    assert "sparsity   density 0.3 (erk), set every 3 steps, drop fraction 0.3" in out
+    dropped, regrown = (sum(d[k] for e in rewires for d in e["details"].values())
+                        for k in ("dropped", "regrown"))  # fmt: skip
+    row = next(r.split() for r in out.splitlines() if " rewire x" in r)  # updates in one row
+    assert row[:5] == [
+        f"{rewires[0]['step']}..{rewires[-1]['step']}", "rewire", f"x{len(rewires)}", "*",
+        f"-{dropped}",
+    ]  # fmt: skip
+    assert row[5] == f"+{regrown}" and dropped == regrown > 0
 
 
 def test_bad_config_exits_2_with_the_message(tmp_path: Path) -> None:
@@ -270,4 +314,11 @@ def test_event_rows_pick_the_surrounding_evaluations() -> None:
         (None, 0.25), (0.5, 0.75), (0.75, None),
     ]  # fmt: skip
     assert [r["change"] for r in rows] == ["density 0.500", "2->3", None]
+    assert [r["moved"] for r in rows] == [None, None, None]
+    details = {"a": {"dropped": 2, "regrown": 2, "density": 0.25, "active": 1},
+               "b": {"dropped": 1, "regrown": 1, "density": 0.75, "active": 3}}  # fmt: skip
+    update = {"step": 20, "op": "rewire", "target": "*", "params_before": 9, "params_after": 9,
+              "details": details}  # fmt: skip
+    row = event_rows([update], metrics)[0]
+    assert (row["change"], row["moved"], row["acc_before"]) == ("-3 +3", [3, 3], 0.5)
     assert [r["reason"] for r in rows] == [None, "plateau", "plateau"]

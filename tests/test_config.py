@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dynarch.config import (
+    ALGORITHMS,
     ConfigError,
     GrowthConfig,
     OptimizerConfig,
@@ -327,6 +328,33 @@ def test_out_of_range(data: dict[str, Any], message: str) -> None:
 )
 def test_wrong_types(data: dict[str, Any], message: str) -> None:
     assert _error(data) == f"config: {message}"
+
+
+def test_sparsity_section() -> None:
+    sp = validate_config({"sparsity": {"density": 0.1}}).sparsity
+    assert sp is not None
+    assert (sp.distribution, sp.algorithm, sp.delta_t, sp.drop_fraction, sp.snapshots) == (
+        "erk", "static", 100, 0.3, 3,
+    )  # fmt: skip
+    sp = validate_config({"sparsity": {"density": 0.1, "algorithm": "rigl", "delta_t": 5,
+                                       "drop_fraction": 0.5, "snapshots": 0}}).sparsity  # fmt: skip
+    assert sp is not None and (sp.algorithm, sp.delta_t, sp.snapshots) == ("rigl", 5, 0)
+    assert ALGORITHMS == ("static", "set", "deep_r", "rigl", "snfs")
+    assert _error({"sparsity": {"density": 0.1, "algorithm": "rigll"}}) == (
+        "config: sparsity.algorithm: 'rigll' is not allowed; choose one of 'static', 'set', "
+        "'deep_r', 'rigl', 'snfs' (did you mean 'rigl'?)"
+    )
+    assert _error({"sparsity": {"density": 0.1, "drop_fraction": 1.0}}) == (
+        "config: sparsity.drop_fraction: 1.0 is out of range; allowed: a number in (0.0, 1.0)"
+    )
+    assert _error({"sparsity": {"density": 0.1, "delta_t": 0}}) == (
+        "config: sparsity.delta_t: 0 is out of range; allowed: >= 1"
+    )
+
+
+def test_config_algorithms_are_the_registered_ones() -> None:
+    sparse = pytest.importorskip("dynarch.sparse")
+    assert set(ALGORITHMS) == set(sparse.ALGORITHMS)
 
 
 def test_cross_field_checks() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Callable
@@ -503,3 +504,60 @@ def test_mask_caches_see_a_change_from_inside_the_transaction() -> None:
         for v in opt.state[m.weight].values():
             if v.shape == m.weight.shape:
                 assert torch.equal(v[off], torch.zeros_like(v[off]))
+
+
+# --- the fast enforcement paths -----------------------------------------------------------
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    opt.zero_grad()
+    nn.functional.mse_loss(
+        model(torch.randn(8, 6, generator=g)), torch.randn(8, 3, generator=g)
+    ).backward()
+    opt.step()
+
+
+def test_grad_masking_mode_per_optimizer_and_hooks_removed() -> None:
+    model = mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    adagrad = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    sparsify(model, 0.5, optimizer=sgd)
+    enforce(model, adagrad)
+    fast, slow = get_enforcer(model, sgd), get_enforcer(model, adagrad)
+    assert fast is not None and fast.masks_gradients
+    assert slow is not None and not slow.masks_gradients
+    _step(model, sgd)
+    for m in masked_modules(model).values():  # the optimizer saw grad * mask, we see it dense
+        off = ~m.weight_mask
+        assert m.weight.grad is not None and bool(m.weight.grad[off].any()) == bool(off.any())
+    fast.remove()
+    hooks = (sgd._optimizer_step_pre_hooks, sgd._optimizer_step_post_hooks,
+             sgd._optimizer_load_state_dict_post_hooks)  # fmt: skip
+    assert all(len(h) == 0 for h in hooks)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam", "adagrad"])
+def test_changes_outside_a_step_are_remasked(opt_name: str) -> None:
+    model = mlp()
+    opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    sparsify(model, 0.5, optimizer=opt)
+    _step(model, opt, 0)
+    first = model[0]
+    with torch.no_grad():  # a mask edited in place, by hand: one more weight off
+        on = first.weight_mask.view(-1).nonzero()[0]
+        first.weight_mask.view(-1)[on] = False
+        model[2].weight.fill_(1.0)  # weights changed outside the optimizer
+    state = copy.deepcopy(opt.state_dict())
+    for v in state["state"].values():  # junk optimizer state at masked positions
+        for key, t in v.items():
+            if torch.is_tensor(t) and t.dim() == 2:
+                v[key] = torch.ones_like(t)
+    opt.load_state_dict(state)
+    _step(model, opt, 1)
+    for m in masked_modules(model).values():
+        off = ~m.weight_mask
+        assert not bool(m.weight[off].any())
+        for v in opt.state[m.weight].values():
+            if torch.is_tensor(v) and v.shape == m.weight.shape:
+                assert not bool(v[off].any())

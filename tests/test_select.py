@@ -68,3 +68,22 @@ def test_shape_is_kept_and_edges() -> None:
     x = torch.randn(4, 5, 3)
     assert topk_mask(x, 6, g).shape == (4, 5, 3)
     assert topk_mask(x, 0, g).sum() == 0 and topk_mask(x, 99, g).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_dtypes_and_topk_indices_agree_with_topk_mask(dtype: torch.dtype) -> None:
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(2)).to(dtype)
+    for k in (1, 999, 50_000):
+        m = topk_mask(x, k, torch.Generator().manual_seed(5))
+        idx = select.topk_indices(x, k, torch.Generator().manual_seed(5))
+        _check(x.float(), k, m)
+        assert idx.numel() == k and torch.equal(torch.zeros_like(m).index_fill_(0, idx, True), m)
+
+
+def test_topk_indices_ranks_nan_lowest() -> None:
+    x = torch.arange(70_000.0)
+    x[::3] = float("nan")
+    idx = select.topk_indices(x, 46_666, torch.Generator().manual_seed(0))
+    assert idx.numel() == 46_666 and not bool(x[idx].isnan().any())
+    idx = select.topk_indices(x, 50_000, torch.Generator().manual_seed(0))  # some NaN needed
+    assert idx.numel() == 50_000 and idx.unique().numel() == 50_000

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from dynarch.nn import Residual
+from dynarch.sparse import DynamicSparseLinear
 from dynarch.spec import _SIMPLE_ARGS, build, class_path, describe, describe_model, import_class
 
 # One instance per supported layer type, every constructor argument away from its default.
@@ -35,6 +36,7 @@ LAYERS: list[nn.Module] = [
     nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False,
                  divisor_override=5),
     nn.AdaptiveAvgPool2d((None, 3)), nn.AdaptiveMaxPool2d(4, return_indices=True),
+    DynamicSparseLinear(6, 4, 0.25, bias=False),
 ]  # fmt: skip
 
 

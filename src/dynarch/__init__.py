@@ -7,7 +7,7 @@ the event history (``history``) are available at the top level.
 
 from __future__ import annotations
 
-from . import callbacks, data, masks, triggers
+from . import callbacks, data, masks, prune, sparse, triggers
 from ._engine import engine_state, history, set_seed
 from .checkpoint import Checkpoint, CheckpointError, load, save
 from .events import Event
@@ -38,9 +38,11 @@ __all__ = [
     "history",
     "load",
     "masks",
+    "prune",
     "save",
     "set_seed",
     "shrink",
+    "sparse",
     "sparsify",
     "triggers",
     "widen",

@@ -23,7 +23,22 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-__all__ = ["problem", "suggest"]
+__all__ = ["combine", "problem", "suggest"]
+
+
+def combine(source: str, problems: list[str]) -> str:
+    """One message for all ``problems`` found in ``source`` (a list when more than one).
+
+    Example:
+        >>> print(combine("run.yaml", ["a: bad", "b: worse"]))
+        run.yaml: 2 problems:
+          - a: bad
+          - b: worse
+    """
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"{source}: {len(problems)} problems:\n{lines}"
 
 
 def suggest(value: object, choices: Sequence[str]) -> str:

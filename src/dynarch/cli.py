@@ -1,4 +1,5 @@
-"""The ``dynarch`` command line: ``dynarch run CONFIG`` and ``dynarch inspect RUN_DIR``.
+"""The ``dynarch`` command line: ``dynarch run CONFIG``, ``dynarch inspect RUN_DIR`` and
+``dynarch ladder CONFIG --densities ...`` (:mod:`dynarch.ladder`).
 
 ``run`` validates the whole config before anything trains, then writes a run directory::
 
@@ -7,6 +8,8 @@
     <run_dir>/events.jsonl     one structural event per line
     <run_dir>/checkpoint/      the final model and optimizer (dynarch.checkpoint)
     <run_dir>/summary.json     widths, parameters, final metrics, events with accuracies
+    <run_dir>/density.png      sparse runs: density per layer, connections rewired per update
+    <run_dir>/rewiring.png     (dynarch.plots), and masks/*.png: mask heatmaps and differences
 
 Example:
     >>> from click.testing import CliRunner
@@ -26,6 +29,7 @@ from typing import Any
 import click
 import torch
 
+from . import report
 from ._engine import count_params, set_seed
 from .callbacks import Callback, EarlyStopping, GrowOnPlateau
 from .config import ConfigError, RunConfig, build_optimizer, growth_targets, load_config
@@ -60,6 +64,92 @@ class SparsifyAtStart(Callback):
         )
 
 
+class RewireFromStart(Callback):
+    """Build a rewirer (:func:`dynarch.sparse.make_rewirer`) when training starts and pass it
+    every hook; built inside the run, its initial sparsify event lands in events.jsonl.
+
+    Example:
+        >>> cb = RewireFromStart("rigl", 0.1, "erk", delta_t=50)
+    """
+
+    def __init__(self, algorithm: str, density: float, distribution: str, **kwargs: Any) -> None:
+        from .sparse import ALGORITHMS  # fails here, before a run starts, not at its first step
+
+        if algorithm not in ALGORITHMS:
+            raise ValueError(
+                f"unknown sparse training algorithm {algorithm!r}; registered: {list(ALGORITHMS)}"
+            )
+        self.algorithm, self.density, self.distribution = algorithm, density, distribution
+        self.kwargs = kwargs
+        self.rewirer: Callback | None = None
+        self._state: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: Any) -> None:
+        if self.rewirer is None:
+            from .sparse import make_rewirer
+
+            self.rewirer = make_rewirer(
+                self.algorithm, trainer.model, trainer.optimizer, density=self.density,
+                distribution=self.distribution, **self.kwargs,
+            )  # fmt: skip
+            if self._state is not None:
+                self.rewirer.load_state_dict(self._state)
+        self.rewirer.on_fit_start(trainer)
+
+    def _hook(self, hook: str, trainer: Any, *args: Any) -> None:
+        if self.rewirer is not None:
+            getattr(self.rewirer, hook)(trainer, *args)
+
+    def on_epoch_start(self, trainer: Any) -> None:
+        self._hook("on_epoch_start", trainer)
+
+    def on_after_backward(self, trainer: Any) -> None:
+        self._hook("on_after_backward", trainer)
+
+    def on_step_end(self, trainer: Any) -> None:
+        self._hook("on_step_end", trainer)
+
+    def on_epoch_end(self, trainer: Any) -> None:
+        self._hook("on_epoch_end", trainer)
+
+    def on_evaluate(self, trainer: Any, metrics: dict[str, float]) -> None:
+        self._hook("on_evaluate", trainer, metrics)
+
+    def on_fit_end(self, trainer: Any) -> None:
+        self._hook("on_fit_end", trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.rewirer is None else self.rewirer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.rewirer is None:
+            self._state = dict(state)  # applied once the rewirer is built
+        else:
+            self.rewirer.load_state_dict(state)
+
+
+def _sparsity_callbacks(cfg: RunConfig) -> list[Callback]:
+    """The callbacks ``sparsity:`` asks for: masks (static or rewired) and mask snapshots."""
+    sp = cfg.sparsity
+    if sp is None:
+        return []
+    callbacks: list[Callback] = []
+    if sp.algorithm == "static":
+        callbacks.append(SparsifyAtStart(sp.density, sp.distribution))
+    else:
+        callbacks.append(
+            RewireFromStart(
+                sp.algorithm, sp.density, sp.distribution, delta_t=sp.delta_t,
+                drop_fraction=sp.drop_fraction,
+            )
+        )  # fmt: skip
+    if sp.snapshots:
+        from .plots import MaskSnapshots
+
+        callbacks.append(MaskSnapshots(count=max(sp.snapshots, 2), draw=False))
+    return callbacks
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -80,11 +170,16 @@ def _load_data(cfg: RunConfig, progress: bool) -> Any:
 
 
 def execute(
-    cfg: RunConfig, *, progress: bool = True, echo: Callable[[str], None] = print
+    cfg: RunConfig,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Run the experiment ``cfg`` describes; returns (and writes) its ``summary.json``.
 
-    Everything that can be checked is checked before the run directory is created.
+    Everything that can be checked is checked before the run directory is created. With
+    ``plots``, a sparse run also gets its plots (:func:`dynarch.plots.write_run_plots`).
 
     Example:
         >>> from dynarch.config import validate_config
@@ -113,9 +208,7 @@ def execute(
         raise ConfigError(f"model: {exc}") from None
     set_seed(model, cfg.seed)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    callbacks: list[Callback] = []
-    if cfg.sparsity is not None:
-        callbacks.append(SparsifyAtStart(cfg.sparsity.density, cfg.sparsity.distribution))
+    callbacks = _sparsity_callbacks(cfg)
     if cfg.growth is not None:
         g = cfg.growth
         callbacks.append(
@@ -159,7 +252,10 @@ def execute(
         "steps": trainer.step,
         "epochs": trainer.epoch,
         "seconds": round(seconds, 3),
-        "params": {"start": params_start, "end": count_params(trainer.model)},
+        "params": {
+            "start": params_start, "end": count_params(trainer.model),
+            "active": report.active_params(trainer.model),
+        },
         "widths": {"start": widths_start, "end": layer_widths(trainer.model)},
         "density": layer_density(trainer.model),
         "final": evals[-1] if evals else {},
@@ -167,6 +263,13 @@ def execute(
         "events": event_rows(read_jsonl(run_dir / "events.jsonl"), metrics),
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if plots and summary["density"]:
+        from .plots import MaskSnapshots, write_run_plots
+
+        for cb in callbacks:
+            if isinstance(cb, MaskSnapshots):
+                cb.write(run_dir / "masks")
+        write_run_plots(run_dir)
     echo(summary_text(summary))
     return summary
 
@@ -221,6 +324,57 @@ def inspect(run_dir: Path) -> None:
         click.echo(inspect_run(run_dir))
     except (ConfigError, CheckpointError, json.JSONDecodeError) as exc:
         raise UsageProblem(f"cannot inspect {str(run_dir)!r}: {exc}") from None
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option(
+    "--densities", required=True, metavar="D1,D2,...",
+    help="Densities to train at, each in (0, 1]; 1 (dense) is required, e.g. 1,0.5,0.1,0.01.",
+)  # fmt: skip
+@click.option(
+    "--method", "methods", multiple=True, metavar="NAME",
+    help="static (default), set, deep_r, rigl or snfs; repeat to compare several.",
+)  # fmt: skip
+@click.option("--seeds", default=1, show_default=True, help="Seeds per rung (seed, seed+1, ...).")
+@click.option(
+    "--tolerance", default=1.0, show_default=True,
+    help="The cliff: the lowest density within this many accuracy points of dense.",
+)  # fmt: skip
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a config value, e.g. --set train.epochs=5 (repeatable).",
+)  # fmt: skip
+@click.option(
+    "--run-dir", type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write the ladder (default: runs/<config stem>-<timestamp>).",
+)  # fmt: skip
+@click.option("--no-progress", is_flag=True, help="Do not show progress bars.")
+def ladder(
+    config: Path, densities: str, methods: tuple[str, ...], seeds: int, tolerance: float,
+    overrides: tuple[str, ...], run_dir: Path | None, no_progress: bool,
+) -> None:  # fmt: skip
+    """Train CONFIG's architecture at each density and report where accuracy falls off."""
+    import shlex
+
+    from .ladder import parse_densities, run_ladder
+
+    try:
+        dens = parse_densities(densities)
+        cfg = load_config(config, overrides)
+        root = Path(run_dir if run_dir is not None else str(cfg.run_dir))
+        argv = ["dynarch", "ladder", str(config), "--densities", densities]
+        argv += [f"--method={m}" for m in methods] + [f"--seeds={seeds}"]
+        argv += [f"--tolerance={tolerance:g}", f"--run-dir={root}"]
+        argv += [f"--set={o}" for o in overrides]
+        run_ladder(
+            cfg, dens, methods or ("static",), seeds=seeds, tolerance=tolerance, run_dir=root,
+            command=shlex.join(argv), progress=not no_progress, echo=click.echo,
+        )  # fmt: skip
+    except ConfigError as exc:
+        raise UsageProblem(str(exc)) from None
+    except (DataNotFoundError, DataCorruptError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import datetime
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import torch
 import yaml
@@ -30,15 +30,18 @@ from pydantic import model_validator as _model_validator
 from torch import nn
 
 from . import models
-from ._config_errors import problem, suggest
+from ._config_errors import combine, problem, suggest
 
 __all__ = [
-    "CNNConfig", "ConfigError", "DataConfig", "EarlyStoppingConfig", "GrowthConfig", "MLPConfig",
-    "OptimizerConfig", "RunConfig", "SparsityConfig", "TrainConfig", "apply_override",
-    "build_optimizer", "growth_targets", "load_config", "validate_config",
+    "ALGORITHMS", "CNNConfig", "ConfigError", "DataConfig", "EarlyStoppingConfig",
+    "GrowthConfig", "MLPConfig", "OptimizerConfig", "RunConfig", "SparsityConfig",
+    "TrainConfig", "apply_override", "build_optimizer", "growth_targets", "load_config",
+    "validate_config",
 ]  # fmt: skip
 
 Monitor = Literal["val_loss", "val_accuracy"]
+Algorithm = Literal["static", "set", "deep_r", "rigl", "snfs"]  # dynarch.sparse.ALGORITHMS
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 Activation = Literal["relu", "leaky_relu", "gelu", "silu", "tanh", "elu"]
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -191,10 +194,17 @@ class GrowthConfig(_Monitored):
 
 
 class SparsityConfig(_Section):
-    """``sparsity:``: masks applied before training (:func:`dynarch.masks.sparsify`)."""
+    """``sparsity:``: masks applied when training starts (:func:`dynarch.masks.sparsify`),
+    kept (``algorithm: static``) or rewired every ``delta_t`` steps by a dynamic sparse
+    training algorithm (:func:`dynarch.sparse.make_rewirer`). ``snapshots``: how many mask
+    heatmaps (first and last step included, so 1 means 2; 0: none) ``<run_dir>/masks`` gets."""
 
     density: Annotated[float, Field(gt=0.0, le=1.0)]
     distribution: Literal["uniform", "er", "erk"] = "erk"
+    algorithm: Algorithm = "static"
+    delta_t: PosInt = 100
+    drop_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
+    snapshots: NonNegInt = 3
 
 
 class RunConfig(_Section):
@@ -300,13 +310,6 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _raise(source: str, problems: list[str]) -> None:
-    if len(problems) == 1:
-        raise ConfigError(f"{source}: {problems[0]}")
-    lines = "\n".join(f"  - {p}" for p in problems)
-    raise ConfigError(f"{source}: {len(problems)} problems:\n{lines}")
-
-
 def validate_config(data: Any, *, source: str = "config") -> RunConfig:
     """Validate a plain mapping (as read from YAML/JSON) into a :class:`RunConfig`.
 
@@ -319,8 +322,8 @@ def validate_config(data: Any, *, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        _raise(source, [problem(e, RunConfig) for e in exc.errors()])
-    raise AssertionError("unreachable")
+        problems = [problem(e, RunConfig) for e in exc.errors()]
+        raise ConfigError(combine(source, problems)) from None
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

@@ -17,7 +17,6 @@ Per-layer budgets come from :func:`dynarch.budgets.layer_budgets`.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from typing import Any
@@ -25,56 +24,45 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._enforce import (
+    CLEAN,
+    GRAD_MASKING,
+    MASK,
+    MaskEnforcer,
+    _mask,
+    _weight,
+    enforce,
+    get_enforcer,
+    mark_clean,
+    masked_modules,
+)
 from ._engine import engine_state, transaction
 from .budgets import DISTRIBUTIONS, check_choice, check_density, layer_budgets
 from .events import Event
 from .select import topk_mask
 
 __all__ = [
-    "DISTRIBUTIONS", "SCORES", "MaskEnforcer", "apply_masks", "enforce", "get_enforcer",
-    "global_density", "is_sparse", "layer_budgets", "layer_density", "masked_modules",
-    "replay", "sparsify",
+    "CLEAN",
+    "DISTRIBUTIONS",
+    "GRAD_MASKING",
+    "MASK",
+    "SCORES",
+    "MaskEnforcer",
+    "apply_masks",
+    "enforce",
+    "get_enforcer",
+    "global_density",
+    "is_sparse",
+    "layer_budgets",
+    "layer_density",
+    "mark_clean",
+    "masked_modules",
+    "replay",
+    "sparsify",
 ]  # fmt: skip
 
 SCORES = ("magnitude", "random")
-MASK = "weight_mask"
-_CACHE = "_dynarch_masked_modules"
-_REGISTRY = "_dynarch_mask_enforcers"
 _LAYER_TYPES = (nn.Linear, nn.Conv2d)
-
-
-def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules of ``model`` holding a ``weight_mask`` buffer, by fully-qualified name.
-
-    Cached on the engine's structure version (every structural change bumps it).
-
-    Example:
-        >>> masked_modules(nn.Sequential(nn.Linear(2, 2)))
-        {}
-    """
-    version = engine_state(model).version
-    cached = model.__dict__.get(_CACHE)
-    if cached is not None and cached[0] == id(model) and cached[1] == version:
-        return dict(cached[2])
-    found = {n: m for n, m in model.named_modules() if m._buffers.get(MASK) is not None}
-    model.__dict__[_CACHE] = (id(model), version, found)
-    return dict(found)
-
-
-def _weight(module: nn.Module) -> Tensor:
-    weight = module.weight
-    assert isinstance(weight, Tensor)
-    return weight
-
-
-def _mask(module: nn.Module) -> Tensor:
-    mask = module._buffers[MASK]
-    assert mask is not None
-    return mask
-
-
-def _pairs(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
-    return [(_weight(m), _mask(m)) for m in masked_modules(model).values()]
 
 
 def apply_masks(model: nn.Module) -> None:
@@ -83,8 +71,10 @@ def apply_masks(model: nn.Module) -> None:
     Example:
         >>> apply_masks(nn.Linear(2, 2))  # no masks: nothing to do
     """
-    pairs = _pairs(model)
-    _multiply([w for w, _ in pairs], [m for _, m in pairs])
+    modules = list(masked_modules(model).values())
+    _multiply([_weight(m) for m in modules], [_mask(m) for m in modules])
+    for module in modules:
+        mark_clean(module)
 
 
 def _multiply(tensors: list[Tensor], masks: list[Tensor]) -> None:
@@ -264,87 +254,6 @@ def sparsify(
             apply_masks(model)
     assert tx.event is not None
     return tx.event
-
-
-class MaskEnforcer:
-    """Optimizer step post-hook keeping masked weights and their state exactly zero.
-
-    After every ``optimizer.step()`` each masked weight, and each optimizer-state tensor of
-    it with the weight's shape (momentum, Adam moments, …), is multiplied by its mask.
-    Gradients stay dense. Create it with :func:`enforce`; :meth:`remove` detaches it.
-
-    Example:
-        >>> model = nn.Linear(4, 4)
-        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> _ = sparsify(model, 0.5, optimizer=opt)
-        >>> get_enforcer(model, opt).remove()
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self._model = weakref.ref(model)
-        self._optimizer = weakref.ref(optimizer)
-        self._handle = optimizer.register_step_post_hook(self._hook)
-
-    def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.apply()
-
-    def apply(self) -> None:
-        """Multiply masked weights and their same-shaped optimizer state by the masks now."""
-        model, optimizer = self._model(), self._optimizer()
-        if model is None or optimizer is None:
-            return
-        tensors: list[Tensor] = []
-        masks: list[Tensor] = []
-        for weight, mask in _pairs(model):
-            state = optimizer.state.get(weight, {}).values()
-            same = [v for v in state if isinstance(v, Tensor) and v.shape == weight.shape]
-            found = [weight, *(v for v in same if v.is_floating_point() or v.is_complex())]
-            tensors += found
-            masks += [mask] * len(found)
-        _multiply(tensors, masks)
-
-    def remove(self) -> None:
-        """Detach the hook; :func:`enforce` may register a new one afterwards."""
-        self._handle.remove()
-        model, optimizer = self._model(), self._optimizer()
-        if model is not None and optimizer is not None:
-            registry = optimizer.__dict__.get(_REGISTRY, {})
-            if registry.get(model) is self:
-                del registry[model]
-
-
-def get_enforcer(model: nn.Module, optimizer: torch.optim.Optimizer) -> MaskEnforcer | None:
-    """The :class:`MaskEnforcer` registered for ``(model, optimizer)``, if any.
-
-    Example:
-        >>> m = nn.Linear(2, 2)
-        >>> get_enforcer(m, torch.optim.SGD(m.parameters(), lr=0.1)) is None
-        True
-    """
-    found: MaskEnforcer | None = optimizer.__dict__.get(_REGISTRY, {}).get(model)
-    return found
-
-
-def enforce(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Keep ``model``'s masks enforced after every step of ``optimizer``; apply them now.
-
-    Registers the hook once per ``(model, optimizer)`` pair (later calls only re-apply).
-
-    Example:
-        >>> model = nn.Linear(4, 4)
-        >>> opt = torch.optim.Adam(model.parameters())
-        >>> _ = sparsify(model, 0.5)
-        >>> enforce(model, opt)
-    """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
-    registry = optimizer.__dict__.setdefault(_REGISTRY, weakref.WeakKeyDictionary())
-    enforcer = registry.get(model)
-    if enforcer is None:
-        enforcer = registry[model] = MaskEnforcer(model, optimizer)
-    enforcer.apply()
 
 
 def replay(model: nn.Module, args: dict[str, Any]) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from torch import nn
 
 from ._engine import count_params
@@ -28,10 +29,12 @@ from .models import layer_widths
 __all__ = [
     "RUN_FILES",
     "UsageProblem",
+    "active_params",
     "config_lines",
     "event_rows",
     "format_table",
     "inspect_run",
+    "mask_counts",
     "read_jsonl",
     "summary_text",
 ]
@@ -123,8 +126,11 @@ def config_lines(cfg: RunConfig) -> list[str]:
             f"{g.monitor} plateau (patience {g.patience}, threshold {g.threshold:g}), "
             f"max width {g.max_width or '-'}, max events {g.max_events or '-'}"
         )
-    if cfg.sparsity:
-        lines.append(f"sparsity   density {cfg.sparsity.density:g} ({cfg.sparsity.distribution})")
+    if (sp := cfg.sparsity) is not None:
+        how = "static" if sp.algorithm == "static" else (
+            f"{sp.algorithm} every {sp.delta_t} steps, drop fraction {sp.drop_fraction:g}"
+        )  # fmt: skip
+        lines.append(f"sparsity   density {sp.density:g} ({sp.distribution}), {how}")
     return lines
 
 
@@ -148,12 +154,16 @@ def event_rows(events: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> l
         change = None
         if "old_width" in details and "new_width" in details:
             change = f"{details['old_width']}->{details['new_width']}"
-        layers = [v for v in details.values() if isinstance(v, dict) and "active" in v]
-        if layers:
+        layers = [v for v in details.values() if isinstance(v, dict)]
+        moved = None
+        if any("dropped" in v or "regrown" in v for v in layers):  # a mask update
+            moved = [sum(v.get(k, 0) for v in layers) for k in ("dropped", "regrown")]
+            change = f"-{moved[0]} +{moved[1]}"
+        elif layers and all("active" in v and "total" in v for v in layers):
             active, total = (sum(v[k] for v in layers) for k in ("active", "total"))
             change = f"density {active / max(total, 1):.3f}"
         row = {k: ev[k] for k in ("step", "op", "target", "params_before", "params_after")}
-        row |= {"change": change, "reason": ev.get("reason") or None}
+        row |= {"change": change, "reason": ev.get("reason") or None, "moved": moved}
         row |= {
             "acc_before": before[-1] if before else None,
             "acc_after": after[0] if after else None,
@@ -162,10 +172,30 @@ def event_rows(events: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> l
     return rows
 
 
+def _collapse_updates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive mask updates (rows with ``moved`` counts) of one op as a single row."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        last = out[-1] if out else None
+        if row["moved"] is None or last is None or last["moved"] is None or (
+            last["op"].split(" ")[0] != row["op"]
+        ):  # fmt: skip
+            out.append(dict(row, n=1, first=row["step"]))
+            continue
+        moved = [a + b for a, b in zip(last["moved"], row["moved"])]
+        n = last["n"] + 1
+        out[-1] = dict(last, n=n, moved=moved, change=f"-{moved[0]} +{moved[1]}",
+                       step=f"{last['first']}..{row['step']}", op=f"{row['op']} x{n}",
+                       params_after=row["params_after"], acc_after=row["acc_after"])  # fmt: skip
+    return out
+
+
 def _events_table(rows: list[dict[str, Any]]) -> str:
-    """The rows of :func:`event_rows` as a table, or a line saying there were none."""
+    """The rows of :func:`event_rows` as a table (runs of mask updates collapsed into one
+    row each), or a line saying there were none."""
     if not rows:
         return "no structural events"
+    rows = _collapse_updates(rows)
     headers = ["step", "op", "target", "change", "trigger", "params", "val acc before", "after"]
     return format_table(
         headers,
@@ -181,11 +211,15 @@ def _events_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _layers_table(
-    end: dict[str, int], start: dict[str, int] | None, density: dict[str, float]
+    end: dict[str, int],
+    start: dict[str, int] | None,
+    density: dict[str, float],
+    counts: dict[str, tuple[int, int]] | None = None,
 ) -> str:
-    """Layer widths at the end (and at the start, if known) and each layer's density."""
+    """Layer widths at the end (and at the start, if known), each layer's density and, with
+    ``counts``, its active and total weights."""
     headers = ["layer", *(["width at start"] if start is not None else []), "width"]
-    headers += ["density"] if density else []
+    headers += (["density"] if density else []) + (["active", "total"] if counts else [])
     rows = []
     for name, width in end.items():
         row: list[Any] = [name]
@@ -194,15 +228,41 @@ def _layers_table(
         row.append(width)
         if density:
             row.append(f"{density[name]:.3f}" if name in density else "dense")
+        if counts:
+            row += list(counts.get(name, (None, None)))
         rows.append(row)
     return format_table(headers, rows)
 
 
-def _density(model: nn.Module) -> dict[str, float]:
-    """Density of each masked layer of ``model`` (empty when nothing is masked)."""
-    from .masks import layer_density
+def mask_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``(active, total)`` weights of each masked layer of ``model`` (one host sync).
 
-    return layer_density(model)
+    Example:
+        >>> from dynarch.masks import sparsify
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = sparsify(model, 0.25, distribution="uniform")
+        >>> mask_counts(model)
+        {'0': (4, 16)}
+    """
+    from .masks import masked_modules
+
+    mods = masked_modules(model)
+    masks = [mask for m in mods.values() if (mask := m._buffers["weight_mask"]) is not None]
+    if not masks:
+        return {}
+    sums = [mask.sum() for mask in masks]
+    active = torch.stack([x.to(sums[0].device) for x in sums]).tolist()
+    return dict(zip(mods, zip(active, [mask.numel() for mask in masks]), strict=True))
+
+
+def active_params(model: nn.Module) -> int:
+    """Parameters of ``model`` minus the weights its masks switch off.
+
+    Example:
+        >>> active_params(nn.Linear(4, 4))
+        20
+    """
+    return count_params(model) - sum(t - a for a, t in mask_counts(model).values())
 
 
 def summary_text(s: dict[str, Any]) -> str:
@@ -229,10 +289,11 @@ def summary_text(s: dict[str, Any]) -> str:
     """
     final = s["final"]
     p = s["params"]
+    active = f" ({p['active']} active)" if p.get("active", p["end"]) != p["end"] else ""
     lines = [
         _layers_table(s["widths"]["end"], s["widths"]["start"], s["density"]),
         "",
-        f"parameters      {p['start']} -> {p['end']}",
+        f"parameters      {p['start']} -> {p['end']}{active}",
         f"final val acc   {_pct(final.get('val_accuracy'))} "
         f"(val loss {final.get('val_loss', float('nan')):.4f}, step {final.get('step', '-')})",
         f"best val acc    {_pct(s['best'].get('val_accuracy'))}",
@@ -273,12 +334,21 @@ def inspect_run(run_dir: str | Path) -> str:
     evals = [m for m in metrics if "val_loss" in m]
     final = evals[-1] if evals else {}
     start = summary.get("widths", {}).get("start")
+    counts = mask_counts(model)
+    density = {name: a / t for name, (a, t) in counts.items()}
+    params = f"{count_params(model)}"
+    if counts:
+        active, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
+        params += (
+            f" ({active_params(model)} active; masks keep {active} of {total} weights, "
+            f"density {active / total:.4f})"
+        )
     parts = [
         f"run {root}",
         *config_lines(cfg),
         "",
-        _layers_table(layer_widths(model), start, _density(model)),
-        f"\nparameters      {count_params(model)}",
+        _layers_table(layer_widths(model), start, density, counts),
+        f"\nparameters      {params}",
         f"final metrics   step {final.get('step', '-')}, epoch {final.get('epoch', '-')}, "
         f"val loss {final.get('val_loss', float('nan')):.4f}, "
         f"val acc {_pct(final.get('val_accuracy'))}",

@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from .nn import Residual
+from .sparse.layer import DynamicSparseLinear
 
 __all__ = ["build", "class_path", "describe", "describe_model", "import_class"]
 
 _SIMPLE_ARGS: dict[type[nn.Module], tuple[str, ...]] = {
+    DynamicSparseLinear: ("in_features", "out_features", "density"),
     nn.Linear: ("in_features", "out_features"),
     nn.Conv2d: (
         "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",

@@ -1,0 +1,402 @@
+"""Sparsity ladder: one architecture trained at a series of densities, to find the cliff.
+
+:func:`run_ladder` trains the config once per density, method and seed through
+:func:`dynarch.cli.execute` (the :class:`~dynarch.train.Trainer`, same data, epochs,
+optimizer and seed for every rung; density 1 is the dense model, without masks, trained once
+per seed and shared by all methods). ``static`` masks come from :func:`dynarch.masks.sparsify`;
+any other method is a rewirer of :func:`dynarch.sparse.make_rewirer` (``sparsity.algorithm``).
+The ladder directory then holds::
+
+    runs/<method>-d<density>-s<seed>/   one complete run directory per run (dynarch inspect)
+    ladder.json                         command, densities, methods, every run, the cliff
+    ladder.md                           the accuracy table
+    ladder.png                          accuracy vs density (log x), one line per method
+
+The *cliff* of a method (:func:`find_cliff`) is the lowest density whose mean accuracy, and
+that of every density above it, is within ``tolerance`` percentage points of dense.
+
+Example:
+    >>> runs = [{"method": "dense", "density": 1.0, "accuracy": 0.90},
+    ...         {"method": "static", "density": 0.1, "accuracy": 0.895},
+    ...         {"method": "static", "density": 0.01, "accuracy": 0.70}]
+    >>> find_cliff(runs, tolerance=1.0)
+    {'static': 0.1}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from ._config_errors import suggest
+from ._images import save_figure
+from .config import ALGORITHMS, ConfigError, RunConfig, validate_config
+from .report import format_table
+
+__all__ = [
+    "LadderRun", "find_cliff", "ladder_markdown", "ladder_rows", "ladder_table",
+    "mean_accuracy", "parse_densities", "plan_ladder", "plot_ladder", "run_ladder",
+]  # fmt: skip
+
+DENSE = "dense"
+_EXAMPLE = {  # a finished ladder, for the examples below
+    "methods": ["set"], "tolerance": 1.0, "dense_accuracy": 0.9, "cliff": {"set": 0.5},
+    "runs": [{"method": "dense", "density": 1.0, "accuracy": 0.9, "active_params": 50},
+             {"method": "set", "density": 0.5, "accuracy": 0.895, "active_params": 30}],
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LadderRun:
+    """One planned run of a ladder: its method, density, seed, name and validated config."""
+
+    method: str
+    density: float
+    seed: int
+    name: str
+    config: RunConfig
+
+
+def parse_densities(text: str | Sequence[float]) -> list[float]:
+    """Densities from ``"1,0.5,0.1"`` (or a list), each checked to be in (0, 1], sorted
+    from dense to sparse.
+
+    Example:
+        >>> parse_densities("0.1,1,0.5")
+        [1.0, 0.5, 0.1]
+        >>> parse_densities("1,0,0.5")
+        Traceback (most recent call last):
+        ...
+        dynarch.config.ConfigError: --densities: 0 is not in (0, 1]; a density is the \
+fraction of weights kept, e.g. 1,0.5,0.1
+    """
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    values = []
+    for item in items:
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            value = math.nan
+        if isinstance(item, bool) or not 0 < value <= 1:
+            bad = f"{item} is not in (0, 1]" if value == value else f"{item!r} is not a number"
+            raise ConfigError(
+                f"--densities: {bad}; a density is the fraction of weights kept, e.g. 1,0.5,0.1"
+            )
+        values.append(value)
+    if not values or 1.0 not in values:
+        raise ConfigError(
+            f"--densities: {text!r} does not include 1, the dense model the ladder and its "
+            "cliff are measured against; e.g. 1,0.5,0.1"
+        )
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--densities: {text!r} lists a density twice")
+    return sorted(values, reverse=True)
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    chosen = list(dict.fromkeys(methods)) or ["static"]
+    for m in chosen:
+        if m not in ALGORITHMS:
+            raise ConfigError(
+                f"--method: {m!r} is not a sparse training method{suggest(m, ALGORITHMS)}; "
+                f"choose from {', '.join(ALGORITHMS)}"
+            )
+    dynamic = [m for m in chosen if m != "static"]
+    if dynamic:
+        try:
+            from .sparse import ALGORITHMS as AVAILABLE
+        except ImportError as exc:
+            raise ConfigError(f"--method {dynamic[0]} needs dynarch.sparse: {exc}") from None
+        missing = [m for m in dynamic if m not in AVAILABLE]
+        if missing:
+            raise ConfigError(
+                f"--method: {missing} not registered in dynarch.sparse.ALGORITHMS "
+                f"({', '.join(AVAILABLE)})"
+            )
+    return chosen
+
+
+def plan_ladder(
+    cfg: RunConfig, densities: Sequence[float], methods: Sequence[str], seeds: int, root: Path
+) -> list[LadderRun]:
+    """Every run of a ladder, each config validated (nothing trains yet).
+
+    Example:
+        >>> plan = plan_ladder(RunConfig(), [1.0, 0.5, 0.1], ["static"], 2, Path("/tmp/l"))
+        >>> [r.name for r in plan][:4]
+        ['dense-s0', 'static-d0.5-s0', 'static-d0.1-s0', 'dense-s1']
+        >>> plan[2].config.sparsity.density, plan[2].config.run_dir
+        (0.1, '/tmp/l/runs/static-d0.1-s0')
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds: {seeds!r} is not allowed; give the number of seeds, >= 1")
+    methods = _check_methods(methods)
+    base = cfg.model_dump(mode="json")
+    sparsity = base.get("sparsity") or {}
+    plan = []
+    for seed in range(cfg.seed, cfg.seed + seeds):
+        for density in densities:
+            for method in [DENSE] if density == 1 else methods:
+                name = f"{method}-s{seed}" if density == 1 else f"{method}-d{density:g}-s{seed}"
+                data = {**base, "seed": seed, "run_dir": str(root / "runs" / name)}
+                data["sparsity"] = None if density == 1 else {
+                    **sparsity, "density": density, "algorithm": method, "snapshots": 0,
+                }  # fmt: skip
+                run = validate_config(data, source=f"ladder run {name}")
+                plan.append(LadderRun(method, density, seed, name, run))
+    return plan
+
+
+def mean_accuracy(
+    results: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, float], tuple[float, float, int]]:
+    """``(mean, standard deviation, runs)`` of the accuracy per ``(method, density)``.
+
+    Example:
+        >>> mean_accuracy([{"method": "set", "density": 0.1, "accuracy": a} for a in (.5, 1)])
+        {('set', 0.1): (0.75, 0.3535533905932738, 2)}
+    """
+    groups: dict[tuple[str, float], list[float]] = {}
+    for r in results:
+        groups.setdefault((r["method"], float(r["density"])), []).append(float(r["accuracy"]))
+    return {
+        key: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+        for key, v in groups.items()
+    }
+
+
+def _dense_reference(results: Sequence[Mapping[str, Any]]) -> float:
+    dense = [float(r["accuracy"]) for r in results if float(r["density"]) == 1.0]
+    if not dense:
+        got = sorted({float(r["density"]) for r in results}, reverse=True)
+        raise ValueError(f"the ladder needs dense runs (density 1) as its reference; got {got}")
+    return statistics.fmean(dense)
+
+
+def _check_tolerance(tolerance: object) -> None:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not (
+        0 <= tolerance < math.inf
+    ):  # fmt: skip
+        raise ConfigError(
+            f"--tolerance: {tolerance!r} is not allowed; give accuracy points >= 0, e.g. 1.0"
+        )
+
+
+def find_cliff(results: Sequence[Mapping[str, Any]], tolerance: float) -> dict[str, float | None]:
+    """Per method, the lowest density whose mean accuracy, and that of every density of the
+    method above it, is within ``tolerance`` percentage points of the dense mean (None when
+    even the densest sparse rung is not).
+
+    ``results`` are dicts with ``method``, ``density`` and ``accuracy`` (a fraction); runs
+    at density 1 (any method) are the dense reference.
+
+    Example:
+        >>> runs = [{"method": "dense", "density": 1, "accuracy": 0.9},
+        ...         {"method": "set", "density": 0.5, "accuracy": 0.85}]
+        >>> find_cliff(runs, 1.0), find_cliff(runs, 5.0)
+        ({'set': None}, {'set': 0.5})
+    """
+    _check_tolerance(tolerance)
+    reference = _dense_reference(results)
+    means = mean_accuracy(results)
+    cliffs: dict[str, float | None] = {}
+    for method in dict.fromkeys(m for m, d in means if d != 1.0):
+        cliff = None
+        for density in sorted((d for m, d in means if m == method and d != 1.0), reverse=True):
+            if 100 * (reference - means[method, density][0]) > tolerance + 1e-9:
+                break
+            cliff = density
+        cliffs[method] = cliff
+    return cliffs
+
+
+def ladder_rows(ladder: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows of the ladder table: one row per density, one column per method.
+
+    Example:
+        >>> runs = [{"method": "dense", "density": 1.0, "accuracy": 0.9, "active_params": 50},
+        ...         {"method": "set", "density": 0.5, "accuracy": 0.85, "active_params": 30}]
+        >>> ladder_rows({"runs": runs, "methods": ["set"]})
+        (['density', 'active params', 'set'], [[1.0, 50, '90.00%'], [0.5, 30, '85.00%']])
+    """
+    runs, methods = ladder["runs"], list(ladder["methods"])
+    means = mean_accuracy(runs)
+    dense = means.get((DENSE, 1.0)) or next(v for (_, d), v in means.items() if d == 1.0)
+    active = {float(r["density"]): r["active_params"] for r in runs}
+
+    def cell(value: tuple[float, float, int] | None) -> str | None:
+        if value is None:
+            return None
+        mean, std, n = value
+        return f"{100 * mean:.2f}%" + (f" ± {100 * std:.2f}" if n > 1 else "")
+
+    rows = []
+    for density in sorted(active, reverse=True):
+        row: list[Any] = [density, active[density]]
+        row += [cell(dense if density == 1.0 else means.get((m, density))) for m in methods]
+        rows.append(row)
+    return ["density", "active params", *methods], rows
+
+
+def _cliff_lines(ladder: Mapping[str, Any]) -> list[str]:
+    head = (
+        f"cliff: lowest density within {ladder['tolerance']:g} accuracy "
+        f"point{'' if ladder['tolerance'] == 1 else 's'} of dense "
+        f"({100 * ladder['dense_accuracy']:.2f}%)"
+    )
+    return [
+        head,
+        *(f"  {m}: {'none' if d is None else f'{d:g}'}" for m, d in ladder["cliff"].items()),
+    ]
+
+
+def ladder_table(ladder: Mapping[str, Any]) -> str:
+    """The ladder as a plain-text table followed by the cliff of each method.
+
+    Example:
+        >>> print(ladder_table(_EXAMPLE))
+        density  active params  set
+        -------  -------------  ------
+            1.0             50  90.00%
+            0.5             30  89.50%
+        <BLANKLINE>
+        cliff: lowest density within 1 accuracy point of dense (90.00%)
+          set: 0.5
+    """
+    headers, rows = ladder_rows(ladder)
+    return "\n".join([format_table(headers, rows), "", *_cliff_lines(ladder)])
+
+
+def ladder_markdown(ladder: Mapping[str, Any]) -> str:
+    """The ladder as a Markdown table (``ladder.md``) followed by the cliffs.
+
+    Example:
+        >>> ladder_markdown(_EXAMPLE).splitlines()[4:7]
+        ['| density | active params | set |', '|---:|---:|---:|', '| 1.0 | 50 | 90.00% |']
+    """
+    headers, rows = ladder_rows(ladder)
+
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join("-" if c is None else str(c) for c in cells) + " |"
+
+    body = [line(headers), "|" + "---:|" * len(headers), *map(line, rows)]
+    title = f"# Sparsity ladder\n\n`{ladder.get('command', '')}`\n"
+    return "\n".join([title, *body, "", *_cliff_lines(ladder)]) + "\n"
+
+
+def plot_ladder(ladder: Mapping[str, Any], out_png: str | Path) -> Path:
+    """Draw accuracy vs density (log x): one line per method, dense as a reference line with
+    the tolerance band below it, each method's cliff starred.
+
+    Example:
+        >>> import tempfile
+        >>> plot_ladder(_EXAMPLE, tempfile.mkdtemp() + "/ladder.png").name
+        'ladder.png'
+    """
+    means = mean_accuracy(ladder["runs"])
+    dense, tol = 100 * ladder["dense_accuracy"], ladder["tolerance"]
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ax.axhline(dense, color="grey", linestyle="--", label=f"dense ({dense:.2f}%)")
+    ax.axhspan(
+        dense - tol,
+        dense,
+        color="grey",
+        alpha=0.12,
+        label=f"within {tol:g} point{'' if tol == 1 else 's'}",
+    )
+    for method in ladder["methods"]:
+        xs = sorted((d for m, d in means if m == method and d != 1.0), reverse=True)
+        ys = [100 * means[method, d][0] for d in xs]
+        errs = [100 * means[method, d][1] for d in xs]
+        drawn = ax.errorbar([1.0, *xs], [dense, *ys], yerr=[0.0, *errs], marker="o",
+                            markersize=4, capsize=3, label=method)  # fmt: skip
+        cliff = ladder["cliff"].get(method)
+        if cliff is not None:
+            ax.plot([cliff], [100 * means[method, cliff][0]], marker="*", markersize=14,
+                    color=drawn.lines[0].get_color(), linestyle="none")  # fmt: skip
+    densities = sorted({float(r["density"]) for r in ladder["runs"]})
+    ax.set_xscale("log")
+    ax.set_xticks(densities, [f"{d:g}" for d in densities])
+    ax.minorticks_off()
+    ax.set_xlabel("density (fraction of weights kept, log scale)")
+    ax.set_ylabel("val accuracy (%)")
+    ax.set_title("accuracy vs density (★ cliff)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return save_figure(fig, out_png)
+
+
+def run_ladder(
+    cfg: RunConfig,
+    densities: Sequence[float],
+    methods: Sequence[str] = ("static",),
+    *,
+    seeds: int = 1,
+    tolerance: float = 1.0,
+    run_dir: str | Path | None = None,
+    command: str = "",
+    progress: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the ladder, write ``ladder.json``/``.md``/``.png`` to ``run_dir`` (default:
+    ``cfg.run_dir``) and return the ``ladder.json`` dict. Every config is checked first.
+
+    Example:
+        >>> cfg = validate_config({"data": {"n_train": 128, "n_test": 64},
+        ...                        "train": {"epochs": 1}})
+        >>> import tempfile
+        >>> ladder = run_ladder(cfg, [1, 0.5], run_dir=tempfile.mkdtemp(), echo=lambda s: None)
+        >>> sorted(ladder["cliff"]), [r["name"] for r in ladder["runs"]]
+        (['static'], ['dense-s0', 'static-d0.5-s0'])
+    """
+    from .cli import execute
+
+    densities = parse_densities(list(densities))
+    _check_tolerance(tolerance)
+    root = Path(run_dir if run_dir is not None else cfg.run_dir or "runs/ladder")
+    if (root / "ladder.json").exists():
+        raise ConfigError(f"{str(root)!r} already holds a ladder (ladder.json); choose another")
+    methods = _check_methods(methods)
+    plan = plan_ladder(cfg, densities, methods, seeds, root)
+    taken = [r.name for r in plan if (root / "runs" / r.name / "config.json").exists()]
+    if taken:
+        raise ConfigError(f"{str(root)!r} already holds runs {taken}; choose another --run-dir")
+    runs = []
+    for i, run in enumerate(plan, 1):
+        summary = execute(run.config, progress=progress, echo=lambda s: None, plots=False)
+        accuracy = summary["final"].get("val_accuracy")
+        if accuracy is None:
+            raise ConfigError(
+                f"ladder run {run.name} ended without an evaluation (train.max_steps stopped it "
+                "mid-epoch?); the ladder compares final val accuracies"
+            )
+        runs.append({
+            "name": run.name, "method": run.method, "density": run.density, "seed": run.seed,
+            "accuracy": accuracy, "best_accuracy": summary["best"].get("val_accuracy"),
+            "seconds": summary["seconds"], "params": summary["params"]["end"],
+            "active_params": summary["params"]["active"], "run_dir": summary["run_dir"],
+        })  # fmt: skip
+        active = summary["params"]["active"]
+        echo(f"[{i}/{len(plan)}] {run.name:<24} val acc {100 * accuracy:6.2f}%  "
+             f"{active} active params  {summary['seconds']:.1f} s")  # fmt: skip
+    cliffs = find_cliff(runs, tolerance)
+    ladder = {
+        "command": command, "config": cfg.model_dump(mode="json"), "densities": densities,
+        "methods": methods, "seeds": sorted({r.seed for r in plan}), "tolerance": tolerance,
+        "dense_accuracy": _dense_reference(runs), "cliff": {m: cliffs.get(m) for m in methods},
+        "runs": runs,
+    }  # fmt: skip
+    (root / "ladder.json").write_text(json.dumps(ladder, indent=2) + "\n")
+    (root / "ladder.md").write_text(ladder_markdown(ladder))
+    plot_ladder(ladder, root / "ladder.png")
+    echo("\n" + ladder_table(ladder) + f"\n\nladder dir: {root}")
+    return ladder

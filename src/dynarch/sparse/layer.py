@@ -1,0 +1,179 @@
+"""A self-contained dynamic sparse layer, in the words of the design document.
+
+:class:`DynamicSparseLinear` *is* an ``nn.Linear`` with a ``weight_mask`` buffer, so every
+part of dynarch (masks, :class:`~dynarch.sparse.Rewirer`, surgery, checkpoints) treats it as a
+masked Linear; its own :meth:`~DynamicSparseLinear.rewire` runs the same per-layer update code
+as the rewirers.
+
+Example:
+    >>> import torch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> layer = DynamicSparseLinear(100, 50, density=0.2)
+    >>> layer(torch.randn(8, 100)).sum().backward()
+    >>> layer.store_gradients()
+    >>> layer.rewire(method="deep_r", prune_rate=0.2).details[""]["dropped"]
+    200
+    >>> round(layer.get_sparsity(), 6)
+    0.8
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._engine import engine_state, transaction
+from ..budgets import check_choice, check_density
+from ..events import Event
+from ..masks import CLEAN, MASK, get_enforcer, mark_clean
+from . import _ops
+
+__all__ = ["DynamicSparseLinear"]
+
+METHODS = ("set", "deep_r")
+
+
+class DynamicSparseLinear(torch.nn.Linear):
+    """``nn.Linear`` whose weight is masked to ``density`` and can be rewired in place.
+
+    The initial mask keeps exactly ``round(density * in * out)`` (at least 1) random
+    positions, drawn from the global RNG like the weights themselves (``torch.manual_seed``
+    controls both). Masked weights are zero; the forward re-zeroes them only if the weight
+    changed since they were last known zero (an optimizer without
+    :func:`dynarch.masks.enforce`), so gradients stay dense for :meth:`store_gradients`.
+    Rewiring draws from this layer's engine generator (``dynarch.set_seed(layer, seed)``)
+    and records a ``"rewire"`` event in the layer's history.
+
+    Example:
+        >>> layer = DynamicSparseLinear(4, 3, density=0.5, bias=False)
+        >>> int(layer.weight_mask.sum()), layer.get_sparsity()
+        (6, 0.5)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        density: float,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.density = check_density(density)
+        n = self.weight.numel()
+        keep = torch.randperm(n)[: max(1, round(self.density * n))].to(self.weight.device)
+        mask = torch.zeros(n, dtype=torch.bool, device=self.weight.device)
+        mask[keep] = True
+        self.register_buffer(MASK, mask.view_as(self.weight), persistent=True)
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+        mark_clean(self)
+        self.stored_grad: Tensor | None = None
+
+    @property
+    def mask(self) -> Tensor:
+        """The ``weight_mask`` buffer (True: active connection)."""
+        mask = self._buffers[MASK]
+        assert mask is not None
+        return mask
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.weight._version != self.__dict__.get(CLEAN):
+            with torch.no_grad():
+                self.weight.mul_(self.mask)
+            mark_clean(self)
+        return F.linear(input, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, density={self.density}"
+
+    def store_gradients(self) -> None:
+        """Keep a copy of the current dense ``weight.grad`` for the next :meth:`rewire`."""
+        if self.weight.grad is None:
+            raise ValueError("store_gradients: weight.grad is None; call loss.backward() first")
+        self.stored_grad = self.weight.grad.detach().clone()
+
+    def get_sparsity(self) -> float:
+        """Fraction of masked (zero) positions: ``1 - active / (in * out)``."""
+        mask = self.mask
+        return 1.0 - int(mask.sum()) / mask.numel()
+
+    def rewire(
+        self,
+        method: str = "set",
+        prune_rate: float = 0.3,
+        temperature: float = 1.0,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        regrow_init: str = "zero",
+    ) -> Event:
+        """One update of this layer; the active count is preserved exactly.
+
+        Drops ``min(round(prune_rate * active), inactive)`` active weights of smallest
+        ``|w|``, then regrows as many positions among all inactive ones (just-dropped
+        included): ``"set"`` uniformly at random, ``"deep_r"`` sampled with probability
+        ``softmax(|g| / temperature)`` (``g``: :meth:`store_gradients`' copy, else the
+        current ``weight.grad``). With ``optimizer`` the state of changed positions is
+        zeroed. ``regrow_init`` as in :class:`~dynarch.sparse.Rewirer`.
+
+        Example:
+            >>> layer = DynamicSparseLinear(10, 10, density=0.3)
+            >>> layer.rewire("set", prune_rate=0.5).details[""]
+            {'dropped': 15, 'regrown': 15, 'active': 30, 'density': 0.3}
+        """
+        check_choice("method", method, METHODS)
+        check_choice("regrow_init", regrow_init, _ops.GROW_INITS)
+        if (
+            isinstance(prune_rate, bool)
+            or not isinstance(prune_rate, int | float)
+            or not (0 <= prune_rate <= 1)
+        ):
+            raise ValueError(f"prune_rate must be a number in [0, 1], got {prune_rate!r}")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, int | float)
+            or not (math.isfinite(temperature) and temperature > 0)
+        ):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        grad = self.stored_grad if self.stored_grad is not None else self.weight.grad
+        if grad is not None and grad.shape != self.weight.shape:
+            grad = None  # stale copy from before a structural change
+        if grad is None and (method == "deep_r" or regrow_init == "gradient"):
+            raise ValueError(
+                f"rewire(method={method!r}, regrow_init={regrow_init!r}) needs a gradient: "
+                "call loss.backward() (and store_gradients()) first"
+            )
+        mask = self.mask
+        active, n = int(mask.sum()), mask.numel()
+        k = min(round(prune_rate * active), n - active)
+        gen = engine_state(self).generator
+        if method == "deep_r":
+            assert grad is not None
+
+            def grow() -> Tensor | None:
+                assert grad is not None
+                return _ops.gumbel_scores(grad, temperature, gen)
+        else:
+
+            def grow() -> Tensor | None:
+                return None
+
+        states = [] if optimizer is None else _ops.state_tensors(optimizer, self.weight)
+        with torch.no_grad(), transaction(self, "rewire", "*", reason=method) as tx:
+            _ops.rewire_layer(
+                mask, self.weight, _ops.active_indices(mask), (k, k),
+                lambda idx: self.weight.detach().reshape(-1).index_select(0, idx).abs(), grow,
+                regrow_init, lambda: grad, states, gen,
+            )  # fmt: skip
+            tx.details[""] = {"dropped": k, "regrown": k, "active": active, "density": active / n}
+        mark_clean(self)
+        enforcer = None if optimizer is None else get_enforcer(self, optimizer)
+        if enforcer is not None:
+            enforcer.resync()
+        assert tx.event is not None
+        return tx.event
