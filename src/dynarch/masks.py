@@ -17,7 +17,7 @@ Per-layer budgets come from :func:`dynarch.budgets.layer_budgets`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -49,6 +49,7 @@ __all__ = [
     "SCORES",
     "MaskEnforcer",
     "apply_masks",
+    "check_layers",
     "enforce",
     "get_enforcer",
     "global_density",
@@ -58,6 +59,7 @@ __all__ = [
     "mark_clean",
     "masked_modules",
     "replay",
+    "select_layers",
     "sparsify",
 ]  # fmt: skip
 
@@ -146,9 +148,21 @@ def _patterns(kind: str, patterns: Sequence[str] | None) -> list[str]:
     return list(patterns)
 
 
-def _select_layers(
-    model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
+def select_layers(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    *,
+    purpose: str = "sparsify",
 ) -> dict[str, nn.Module]:
+    """The Linear/Conv2d modules of ``model`` chosen by fnmatch ``include``/``exclude`` patterns,
+    checked by :func:`check_layers` (``purpose`` words the error when none is left).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> list(select_layers(model, exclude=["2"]))
+        ['0']
+    """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, _LAYER_TYPES)}
     inc, exc = _patterns("include", include), _patterns("exclude", exclude)
     for kind, pats in (("include", inc), ("exclude", exc)):
@@ -166,9 +180,15 @@ def _select_layers(
     }
     if not chosen:
         raise ValueError(
-            "no Linear/Conv2d layer left to sparsify (the model has none, or include/exclude "
+            f"no Linear/Conv2d layer left to {purpose} (the model has none, or include/exclude "
             f"removed them all); Linear/Conv2d modules: {sorted(layers)}"
         )
+    check_layers(chosen)
+    return chosen
+
+
+def check_layers(chosen: Mapping[str, nn.Module]) -> None:
+    """Refuse lazy weights, weights shared by two layers and malformed masks (clear errors)."""
     owner: dict[int, str] = {}
     for n, m in chosen.items():
         if isinstance(m.weight, nn.parameter.UninitializedParameter):
@@ -187,7 +207,6 @@ def _select_layers(
                 f"{tuple(mask.shape)} but its weight has shape {tuple(_weight(m).shape)}; "
                 "a mask must be a torch.bool tensor shaped like the weight"
             )
-    return chosen
 
 
 def _choose(
@@ -233,7 +252,7 @@ def sparsify(
     density = check_density(density)
     check_choice("distribution", distribution, DISTRIBUTIONS)
     check_choice("score", score, SCORES)
-    layers = _select_layers(model, include, exclude)
+    layers = select_layers(model, include, exclude)
     shapes = {n: tuple(_weight(m).shape) for n, m in layers.items()}
     budgets = layer_budgets(shapes, density, distribution)
     gen = engine_state(model).generator

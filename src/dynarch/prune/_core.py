@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from fnmatch import fnmatchcase
 
 import torch
 from torch import Tensor, nn
 
 from .._engine import engine_state, transaction
 from ..events import Event
-from ..masks import MASK, apply_masks, enforce
+from ..masks import MASK, apply_masks, check_layers, enforce
+from ..masks import select_layers as masks_select_layers
 from ..select import topk_mask
 
 __all__ = ["SCOPES", "named_layers", "prune_by_score", "select_layers"]
@@ -52,50 +52,21 @@ def check_int(name: str, value: object, low: int) -> int:
     return value
 
 
-def _patterns(kind: str, patterns: Sequence[str] | None) -> list[str]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        raise TypeError(
-            f"{kind} must be a list of fnmatch patterns, got the string {patterns!r}; "
-            f"write [{patterns!r}]"
-        )
-    return list(patterns)
-
-
 def select_layers(
     model: nn.Module,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
 ) -> dict[str, nn.Linear | nn.Conv2d]:
-    """The Linear/Conv2d modules of ``model`` chosen by fnmatch ``include``/``exclude`` patterns.
+    """The Linear/Conv2d modules of ``model`` chosen by fnmatch ``include``/``exclude`` patterns
+    (:func:`dynarch.masks.select_layers`).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
         >>> list(select_layers(model, exclude=["2"]))
         ['0']
     """
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)}
-    inc, exc = _patterns("include", include), _patterns("exclude", exclude)
-    for kind, pats in (("include", inc), ("exclude", exc)):
-        for p in pats:
-            if not any(fnmatchcase(n, p) for n in layers):
-                raise ValueError(
-                    f"{kind} pattern {p!r} matches no Linear/Conv2d module; "
-                    f"available: {sorted(layers)}"
-                )
-    chosen = [
-        n
-        for n in layers
-        if (include is None or any(fnmatchcase(n, p) for p in inc))
-        and not any(fnmatchcase(n, p) for p in exc)
-    ]
-    if not chosen:
-        raise ValueError(
-            "no Linear/Conv2d layer left to prune (the model has none, or include/exclude "
-            f"removed them all); Linear/Conv2d modules: {sorted(layers)}"
-        )
-    return named_layers(model, chosen)
+    chosen = masks_select_layers(model, include, exclude, purpose="prune")
+    return {n: m for n, m in chosen.items() if isinstance(m, LAYER_TYPES)}
 
 
 def named_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Linear | nn.Conv2d]:
@@ -111,24 +82,7 @@ def named_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Linear 
                 f"{n!r} is {kind}, not a Linear/Conv2d layer of the model; layers: {layers}"
             )
         chosen[n] = m
-    owner: dict[int, str] = {}
-    for n, m in chosen.items():
-        if isinstance(m.weight, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                f"layer {n!r} has an uninitialised (lazy) weight; run one forward pass first"
-            )
-        first = owner.setdefault(id(m.weight), n)
-        if first != n:
-            raise ValueError(
-                f"layers {first!r} and {n!r} share one weight tensor; exclude one of them"
-            )
-        mask = m._buffers.get(MASK)
-        if mask is not None and (mask.dtype != torch.bool or mask.shape != m.weight.shape):
-            raise ValueError(
-                f"layer {n!r} has a weight_mask of dtype {mask.dtype} and shape "
-                f"{tuple(mask.shape)} but its weight has shape {tuple(m.weight.shape)}; "
-                "a mask must be a torch.bool tensor shaped like the weight"
-            )
+    check_layers(chosen)
     return chosen
 
 
