@@ -61,6 +61,7 @@ __all__ = [
     "replay",
     "select_layers",
     "sparsify",
+    "zero_masked",
 ]  # fmt: skip
 
 SCORES = ("magnitude", "random")
@@ -267,12 +268,18 @@ def sparsify(
             k, n = budgets[name], weight.numel()
             tx.details[name] = {"density": k / n, "active": k, "total": n}
         tx.replay = {"layers": list(layers), "density": density, "distribution": distribution}
-        if optimizer is not None:
-            enforce(model, optimizer)  # zeroes masked weights and their optimizer state now
-        else:
-            apply_masks(model)
+        zero_masked(model, optimizer)
     assert tx.event is not None
     return tx.event
+
+
+def zero_masked(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Zero masked weights now; with ``optimizer`` also their optimizer state, and keep them
+    zero after every step (:func:`enforce`)."""
+    if optimizer is not None:
+        enforce(model, optimizer)
+    else:
+        apply_masks(model)
 
 
 def replay(model: nn.Module, args: dict[str, Any]) -> None:

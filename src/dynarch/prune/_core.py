@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .._engine import engine_state, transaction
 from ..events import Event
-from ..masks import MASK, apply_masks, check_layers, enforce
+from ..masks import MASK, check_layers, zero_masked
 from ..masks import select_layers as masks_select_layers
 from ..select import topk_mask
 
@@ -189,9 +189,6 @@ def prune_by_score(
             "layers": per_layer,
         }
         tx.replay = {"layers": list(layers)}
-        if optimizer is not None:
-            enforce(model, optimizer)  # zeroes masked weights and their optimizer state now
-        else:
-            apply_masks(model)
+        zero_masked(model, optimizer)
     assert tx.event is not None
     return tx.event
