@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ._engine import engine_state
+from ._validate import check_optimizer
 
 __all__ = [
     "CLEAN", "GRAD_MASKING", "MASK", "MaskEnforcer", "enforce", "get_enforcer", "mark_clean",
@@ -287,10 +288,7 @@ def enforce(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         >>> _ = sparsify(model, 0.5)
         >>> enforce(model, opt)
     """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
+    check_optimizer(optimizer)
     registry = optimizer.__dict__.setdefault(_REGISTRY, weakref.WeakKeyDictionary())
     enforcer = registry.get(model)
     if enforcer is None:

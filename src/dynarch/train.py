@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import rng
 from ._engine import count_params, engine_state, set_seed
+from ._validate import check_int, check_model, check_optimizer
 from .callbacks import Callback
 from .events import Event
 from .masks import enforce, is_sparse
@@ -94,11 +95,6 @@ def _as_pair(data: object, role: str, split: str) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _check_int(name: str, value: object, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
@@ -142,23 +138,19 @@ class Trainer:
         log_every: int = 50,
         eval_every_epochs: int = 1,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
-        _check_int("epochs", epochs, 0)
+        check_model(model)
+        check_optimizer(optimizer)
+        check_int("epochs", epochs, 0)
         if max_steps is not None:
-            _check_int("max_steps", max_steps, 1)
+            check_int("max_steps", max_steps, 1)
         for name, value in (
             ("batch_size", batch_size),
             ("eval_batch_size", eval_batch_size),
             ("log_every", log_every),
             ("eval_every_epochs", eval_every_epochs),
         ):
-            _check_int(name, value, 1)
-        _check_int("seed", seed, 0)
+            check_int(name, value, 1)
+        check_int("seed", seed, 0)
         self.callbacks = list(callbacks)
         for i, cb in enumerate(self.callbacks):
             if not isinstance(cb, Callback):

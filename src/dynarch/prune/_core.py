@@ -45,13 +45,6 @@ def check_choice(kind: str, value: object, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def check_int(name: str, value: object, low: int) -> int:
-    """``value`` if it is an int >= ``low``, else a clear error."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 def select_layers(
     model: nn.Module,
     include: Sequence[str] | None = None,

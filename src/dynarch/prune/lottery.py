@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .._validate import check_int, check_optimizer
 from ..callbacks import Callback
 from ..events import Event
 from ..masks import MASK, enforce
 from ..triggers import check_state
-from ._core import SCOPES, check_choice, check_int, check_sparsity, select_layers
+from ._core import SCOPES, check_choice, check_sparsity, select_layers
 from .magnitude import magnitude_prune
 
 if TYPE_CHECKING:
@@ -78,10 +79,7 @@ class LotteryTicket(Callback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        check_optimizer(optimizer)
         self.final_sparsity = check_sparsity(final_sparsity, "final_sparsity")
         self.rounds = check_int("rounds", rounds, 1)
         if rewind != "init" and (

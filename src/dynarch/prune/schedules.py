@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .._validate import check_int, check_optimizer
 from ..callbacks import Callback
 from ..events import Event
 from ..triggers import check_state
-from ._core import SCOPES, check_choice, check_int, check_sparsity, select_layers
+from ._core import SCOPES, check_choice, check_sparsity, select_layers
 from .magnitude import magnitude_prune
 
 if TYPE_CHECKING:
@@ -117,10 +118,7 @@ class GradualMagnitudePruning(Callback):
         self.frequency = check_int("frequency", frequency, 1)
         self.scope = check_choice("scope", scope, SCOPES)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
-            )
+        check_optimizer(optimizer, optional=True)
         select_layers(model, include, exclude)  # fail now, not at the first pruning step
         self.model, self.optimizer = model, optimizer
         self.include, self.exclude, self.reason = include, exclude, reason

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .._engine import engine_state, transaction
+from .._validate import check_model, check_optimizer
 from ..budgets import DISTRIBUTIONS, check_choice, check_density
 from ..callbacks import Callback
 from ..events import Event
@@ -126,12 +127,8 @@ class Rewirer(Callback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
+        check_model(model)
+        check_optimizer(optimizer)
         if density is not None:
             density = check_density(density)
         check_choice("distribution", distribution, DISTRIBUTIONS)
