@@ -39,25 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import mlp  # the same 784-1000-1000-1000-10 MLP as bench/core.py
 from dynarch.data import load
 from dynarch.masks import get_enforcer
 from dynarch.sparse import make_rewirer
 
 DELTA_T = 100
 BATCH = 128
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(784, 1000),
-        nn.ReLU(),
-        nn.Linear(1000, 1000),
-        nn.ReLU(),
-        nn.Linear(1000, 1000),
-        nn.ReLU(),
-        nn.Linear(1000, 10),
-    )
 
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
