@@ -175,6 +175,9 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.last_loss: Tensor | None = None
+        # the last training batch's model output (detached) and targets, for callbacks
+        self.last_output: Tensor | None = None
+        self.last_target: Tensor | None = None
         self.metrics: dict[str, float] = {}
         self.best: dict[str, float] = {}
         self.should_stop = False
@@ -235,7 +238,8 @@ class Trainer:
 
     def _train_step(self, xb: Tensor, yb: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(xb), yb)
+        out = self.model(xb)
+        loss = self.loss_fn(out, yb)
         loss.backward()
         self._call("on_after_backward")
         self.optimizer.step()
@@ -243,6 +247,7 @@ class Trainer:
         self.batch_in_epoch += 1
         engine_state(self.model).step = self.step
         self.last_loss = loss.detach()
+        self.last_output, self.last_target = out.detach(), yb
         self._call("on_step_end")
         if self._bar is not None:
             self._bar.update(1)
