@@ -1,0 +1,138 @@
+"""The :class:`Trigger` protocol, the name registry and the argument checks triggers share."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+__all__ = [
+    "TRIGGERS",
+    "Trigger",
+    "check_mode",
+    "check_number",
+    "check_state",
+    "make_trigger",
+    "register_trigger",
+]
+
+
+class Trigger:
+    """Base class: ``update(value) -> bool`` fires; ``reset()`` starts over; state is a dict.
+
+    A trigger answers one question ("should we act now?"; some also say where, with
+    ``where()``). ``state_dict()`` returns plain data (numbers, strings, lists, dicts) so it
+    loads with ``torch.load(weights_only=True)``.
+
+    Example:
+        >>> class Above(Trigger):
+        ...     def update(self, value: float) -> bool:
+        ...         return value > 1.0
+        >>> Above().update(2.0)
+        True
+    """
+
+    name: ClassVar[str] = ""
+
+    def update(self, value: float) -> bool:
+        """Feed one observation; return True when the trigger fires."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget everything seen so far (called after the triggered change is made)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data state, loadable with ``torch.load(weights_only=True)``."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        raise NotImplementedError
+
+
+TRIGGERS: dict[str, type[Trigger]] = {}
+"""Registered trigger classes by name."""
+
+_T = TypeVar("_T", bound=type[Trigger])
+
+
+def register_trigger(name: str) -> Callable[[_T], _T]:
+    """Class decorator registering a :class:`Trigger` subclass in :data:`TRIGGERS` as ``name``.
+
+    Example:
+        >>> @register_trigger("always")
+        ... class Always(Trigger):
+        ...     def update(self, value: float) -> bool:
+        ...         return True
+        >>> TRIGGERS["always"] is Always
+        True
+        >>> del TRIGGERS["always"]
+    """
+
+    def decorate(cls: _T) -> _T:
+        if not (isinstance(cls, type) and issubclass(cls, Trigger)):
+            raise TypeError(f"register_trigger({name!r}) needs a Trigger subclass, got {cls!r}")
+        if name in TRIGGERS:
+            raise ValueError(
+                f"trigger name {name!r} is already registered to {TRIGGERS[name].__name__}; "
+                "choose another name"
+            )
+        cls.name = name
+        TRIGGERS[name] = cls
+        return cls
+
+    return decorate
+
+
+def make_trigger(name: str, **kwargs: Any) -> Trigger:
+    """Build the trigger registered as ``name`` with ``kwargs``.
+
+    Example:
+        >>> make_trigger("plateau", patience=3).patience
+        3
+    """
+    if name not in TRIGGERS:
+        raise ValueError(f"unknown trigger {name!r}; registered triggers: {sorted(TRIGGERS)}")
+    return TRIGGERS[name](**kwargs)
+
+
+def check_mode(mode: str) -> None:
+    """Raise unless ``mode`` is ``"min"`` or ``"max"``.
+
+    Example:
+        >>> check_mode("max")
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+
+
+def check_state(owner: str, state: dict[str, Any], keys: set[str]) -> None:
+    """Raise unless ``state`` is a dict with exactly ``keys`` (a foreign or stale state).
+
+    Example:
+        >>> check_state("Plateau", {"best": None, "wait": 0}, {"best", "wait"})
+    """
+    if not isinstance(state, dict) or set(state) != keys:
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{owner} state must have keys {sorted(keys)}, got {got}")
+
+
+def check_number(
+    name: str, value: object, *, low: float | None = None, strict: bool = False
+) -> float:
+    """``float(value)`` if it is a finite real number (``>= low``, or ``> low`` if ``strict``).
+
+    The error names the argument, the bound and the value given.
+
+    Example:
+        >>> check_number("k", 3, low=0, strict=True)
+        3.0
+    """
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if strict else value >= low  # type: ignore[operator]
+    if not ok:
+        bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
