@@ -1,0 +1,321 @@
+"""The built-in actions: ``"widen"``, ``"magnitude_prune"`` and ``"structured_prune"``.
+
+>>> from dynarch.models import mlp
+>>> widen_cost(mlp(8, [16], 3), "fc1", 18)  # 2 new units: 8 inputs + bias + 3 outputs each
+24
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .._engine import engine_state
+from ..events import Event
+from ..graph import ModelGraph, analyse, resolve
+from ..models import hidden_layer_names
+from ..remap import out_units
+from .actions import Action, register_action
+
+if TYPE_CHECKING:
+    from ..train import Trainer
+
+__all__ = ["MagnitudePruneAction", "StructuredPruneAction", "WidenAction", "widen_cost"]
+
+_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def _graph(model: nn.Module, cache: dict[int, tuple[int, ModelGraph]]) -> ModelGraph:
+    """``analyse(model)``, cached until the model's structure version changes."""
+    version = engine_state(model).version
+    hit = cache.get(id(model))
+    if hit is None or hit[0] != version:
+        cache.clear()
+        cache[id(model)] = hit = (version, analyse(model))
+    return hit[1]
+
+
+def widen_cost(model: nn.Module, target: str, width: int, graph: ModelGraph | None = None) -> int:
+    """Exact number of parameters :func:`dynarch.widen` adds when ``target`` gets ``width``
+    output units: rows of every coupled producer, the matching input columns of every
+    consumer (blocks after a Flatten) and the entries of every norm over those units.
+
+    Example:
+        >>> from dynarch.models import mlp
+        >>> widen_cost(mlp(8, [16], 3, batchnorm=True), "fc1", 20)  # 4 * (8 + 1 + 2 + 3)
+        56
+    """
+    resolve(model, target, _LAYERS)
+    graph = analyse(model) if graph is None else graph
+    group = graph.group(target)
+    old = out_units(graph.modules[group.producers[0]])
+    extra = width - old
+    if not isinstance(width, int) or isinstance(width, bool) or extra < 0:
+        raise ValueError(
+            f"widen_cost: width of '{target}' must be an int >= its current width {old}, "
+            f"got {width!r}"
+        )
+    roles: dict[str, set[str]] = {}
+    for name in group.producers:
+        roles.setdefault(name, set()).add("out")
+    for name, flat in group.consumers:
+        roles.setdefault(name, set()).add("flat" if flat else "in")
+    total = 0
+    for name, role in roles.items():
+        layer = graph.modules[name]
+        assert isinstance(layer, nn.Linear | nn.Conv2d)
+        shape = list(layer.weight.shape)
+        per = math.prod(shape[2:])
+        rows = shape[0] + (extra if "out" in role else 0)
+        block = shape[1] // old if "flat" in role else 1
+        cols = shape[1] + (extra * block if role & {"in", "flat"} else 0)
+        total += (rows * cols - shape[0] * shape[1]) * per
+        if layer.bias is not None and "out" in role:
+            total += extra
+    for name in group.norms:
+        dim = group.norm_dims[name]
+        for p in graph.modules[name].parameters(recurse=False):
+            total += p.numel() // p.shape[dim] * extra
+    return total
+
+
+@register_action("widen")
+class WidenAction(Action):
+    """Widen layers with :func:`dynarch.widen` (optimizer state carried over).
+
+    Each target grows by ``amount`` units, or to ``max(width + 1, ceil(width * factor))``
+    (default ``factor=1.5``), capped at ``max_width`` (a layer already there is not a
+    target). ``layers=None`` widens where the trigger points (its ``where()``) or else every
+    hidden layer. ``init``/``noise`` are passed to :func:`dynarch.widen`.
+
+    Example:
+        >>> from dynarch.models import mlp
+        >>> act = WidenAction(["fc1", "fc2"], factor=2.0, max_width=24)
+        >>> model = mlp(8, [16, 24], 3)
+        >>> act.targets(model), act.new_width(model, "fc1")
+        (['fc1'], 24)
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str] | None = None,
+        *,
+        amount: int | None = None,
+        factor: float | None = None,
+        init: str = "net2net",
+        noise: float = 0.0,
+        max_width: int | None = None,
+    ) -> None:
+        from ..surgery import INITS
+
+        if layers is not None and (
+            isinstance(layers, str)
+            or not isinstance(layers, Sequence)
+            or not layers
+            or not all(isinstance(n, str) and n for n in layers)
+        ):
+            raise ValueError(
+                f"widen: layers must be None or a non-empty list of module names, got {layers!r}"
+            )
+        if amount is not None and factor is not None:
+            raise ValueError(
+                f"widen: give amount (units to add) or factor (width multiplier), not both; "
+                f"got amount={amount!r}, factor={factor!r}"
+            )
+        if amount is not None and (
+            not isinstance(amount, int) or isinstance(amount, bool) or amount < 1
+        ):
+            raise ValueError(f"widen: amount must be a positive int (units added), got {amount!r}")
+        if factor is not None and (
+            not isinstance(factor, int | float)
+            or isinstance(factor, bool)
+            or not math.isfinite(factor)
+            or factor <= 1
+        ):
+            raise ValueError(f"widen: factor must be a finite number > 1, got {factor!r}")
+        if init not in INITS:
+            raise ValueError(f"widen: unknown init {init!r}; allowed: {', '.join(INITS)}")
+        if not isinstance(noise, int | float) or not math.isfinite(noise) or noise < 0:
+            raise ValueError(f"widen: noise must be a finite number >= 0, got {noise!r}")
+        if max_width is not None and (
+            not isinstance(max_width, int) or isinstance(max_width, bool) or max_width < 1
+        ):
+            raise ValueError(f"widen: max_width must be None or a positive int, got {max_width!r}")
+        self.layers = None if layers is None else list(layers)
+        self.amount = amount
+        self.factor = 1.5 if amount is None and factor is None else factor
+        self.init = init
+        self.noise = float(noise)
+        self.max_width = max_width
+        self._cache: dict[int, tuple[int, ModelGraph]] = {}
+
+    def check(self, model: nn.Module) -> None:
+        """Every named layer is a Linear/Conv2d of ``model``."""
+        for name in self.layers or []:
+            resolve(model, name, _LAYERS)
+
+    def new_width(self, model: nn.Module, target: str) -> int:
+        """The width ``target`` would get now."""
+        old = out_units(resolve(model, target, _LAYERS))
+        if self.amount is not None:
+            new = old + self.amount
+        else:
+            assert self.factor is not None
+            new = max(old + 1, math.ceil(old * self.factor - 1e-9))  # 10 * 1.1 -> 11
+        return new if self.max_width is None else min(new, self.max_width)
+
+    def targets(self, model: nn.Module, hint: Sequence[str] | None = None) -> list[str]:
+        """The layers to widen now (those below ``max_width``)."""
+        names = self.layers or list(hint or []) or hidden_layer_names(model)
+        return [n for n in names if self.new_width(model, n) > out_units(model.get_submodule(n))]
+
+    def places(self, model: nn.Module, target: str) -> list[str]:
+        """``target`` and every layer coupled to it (they widen together)."""
+        return list(_graph(model, self._cache).group(target).producers)
+
+    def cost(self, model: nn.Module, target: str) -> int:
+        """Parameters added by widening ``target`` to :meth:`new_width`."""
+        graph = _graph(model, self._cache)
+        return widen_cost(model, target, self.new_width(model, target), graph)
+
+    def apply(self, trainer: Trainer, targets: list[str], reason: str) -> list[Event]:
+        """Widen each target; one ``widen`` event each."""
+        from ..surgery import widen  # lazy: surgery imports much of the package
+
+        model = trainer.model
+        return [
+            widen(
+                model,
+                name,
+                self.new_width(model, name),
+                optimizer=trainer.optimizer,
+                init=self.init,
+                noise=self.noise,
+                reason=reason,
+            )
+            for name in targets
+        ]
+
+
+@register_action("magnitude_prune")
+class MagnitudePruneAction(Action):
+    """Prune by weight magnitude to ``sparsity`` with :func:`dynarch.prune.magnitude_prune`
+    (one ``prune`` event; pruning never un-prunes, so repeating it only prunes what grew).
+
+    Example:
+        >>> MagnitudePruneAction(0.5, include=["fc*"]).sparsity
+        0.5
+    """
+
+    def __init__(
+        self,
+        sparsity: float,
+        *,
+        scope: str = "layer",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+    ) -> None:
+        from ..prune._core import SCOPES, check_choice, check_sparsity
+
+        self.sparsity = check_sparsity(sparsity)
+        self.scope = check_choice("scope", scope, SCOPES)
+        self.include = include
+        self.exclude = exclude
+
+    def check(self, model: nn.Module) -> None:
+        """The include/exclude patterns select at least one layer."""
+        self.targets(model)
+
+    def targets(self, model: nn.Module, hint: Sequence[str] | None = None) -> list[str]:
+        """The selected Linear/Conv2d layers."""
+        from ..prune._core import select_layers
+
+        return list(select_layers(model, self.include, self.exclude))
+
+    def apply(self, trainer: Trainer, targets: list[str], reason: str) -> list[Event]:
+        """Prune the selected layers; one ``prune`` event."""
+        from ..prune import magnitude_prune
+
+        return [
+            magnitude_prune(
+                trainer.model,
+                self.sparsity,
+                scope=self.scope,
+                optimizer=trainer.optimizer,
+                include=self.include,
+                exclude=self.exclude,
+                reason=reason,
+            )
+        ]
+
+
+@register_action("structured_prune")
+class StructuredPruneAction(Action):
+    """Remove the ``amount`` weakest units (a count, or a fraction in [0, 1)) of each layer
+    with :func:`dynarch.prune.structured_prune` (one ``shrink`` event per layer).
+
+    Example:
+        >>> StructuredPruneAction(["fc1"], 0.25).amount
+        0.25
+    """
+
+    def __init__(self, layers: Sequence[str], amount: int | float, *, norm: float = 2) -> None:
+        if (
+            isinstance(layers, str)
+            or not isinstance(layers, Sequence)
+            or not layers
+            or not all(isinstance(n, str) and n for n in layers)
+        ):
+            raise ValueError(
+                f"structured_prune: layers must be a non-empty list of module names, got {layers!r}"
+            )
+        if (
+            isinstance(amount, bool)
+            or not isinstance(amount, int | float)
+            or (isinstance(amount, int) and amount < 1)
+            or (isinstance(amount, float) and not 0 < amount < 1)
+        ):
+            raise ValueError(
+                f"structured_prune: amount must be a unit count (int >= 1) or a fraction in "
+                f"(0, 1), got {amount!r}"
+            )
+        self.layers = list(layers)
+        self.amount = amount
+        self.norm = norm
+
+    def check(self, model: nn.Module) -> None:
+        """Every named layer is a Linear/Conv2d of ``model``."""
+        for name in self.layers:
+            resolve(model, name, _LAYERS)
+
+    def count(self, model: nn.Module, target: str) -> int:
+        """Units that would be removed from ``target`` now."""
+        width = out_units(resolve(model, target, _LAYERS))
+        return round(self.amount * width) if isinstance(self.amount, float) else self.amount
+
+    def targets(self, model: nn.Module, hint: Sequence[str] | None = None) -> list[str]:
+        """The named layers that can lose :meth:`count` units and keep at least one."""
+        return [
+            n
+            for n in self.layers
+            if 0 < self.count(model, n) < out_units(resolve(model, n, _LAYERS))
+        ]
+
+    def apply(self, trainer: Trainer, targets: list[str], reason: str) -> list[Event]:
+        """Shrink each target; one ``shrink`` event each."""
+        from ..prune import structured_prune
+
+        return [
+            structured_prune(
+                trainer.model,
+                name,
+                self.count(trainer.model, name),
+                norm=self.norm,
+                optimizer=trainer.optimizer,
+                reason=reason,
+            )
+            for name in targets
+        ]

@@ -1,0 +1,275 @@
+"""GrowAsNeeded: trigger → growth action → cooldown, within a budget, outside embargoes.
+
+>>> from dynarch.triggers import Plateau
+>>> grow = GrowAsNeeded(Plateau(patience=2), "widen", layers=["fc1"], amount=8, cooldown=1)
+>>> grow.reason
+'plateau(val_loss)'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..callbacks import Callback, _monitored
+from ..events import Event
+from ..triggers import Trigger, check_state, make_trigger
+from .actions import Action, as_action
+from .embargo import Embargo
+
+if TYPE_CHECKING:
+    from ..train import Trainer
+
+__all__ = ["GrowAsNeeded", "grow_once"]
+
+
+def _check_budget(owner: str, budget: object) -> None:
+    """Raise unless ``budget`` is None or has a callable ``can_grow(model, n_params)``."""
+    if budget is not None and not callable(getattr(budget, "can_grow", None)):
+        raise TypeError(
+            f"{owner}: budget must have a method can_grow(model, n_params) -> bool "
+            f"(e.g. dynarch.triggers.Budget), got {type(budget).__name__}"
+        )
+
+
+def _check_embargo(owner: str, embargo: object) -> None:
+    """Raise unless ``embargo`` is None or an :class:`Embargo`."""
+    if embargo is not None and not isinstance(embargo, Embargo):
+        raise TypeError(
+            f"{owner}: embargo must be a dynarch.schedules.Embargo, got {type(embargo).__name__}"
+        )
+
+
+def _check_planned(owner: str, action: Action, budget: object, embargo: object) -> None:
+    """A budget or an embargo needs an action that names its targets and cost."""
+    used = [name for name, v in (("budget", budget), ("embargo", embargo)) if v is not None]
+    if used and not action.planned:
+        raise ValueError(
+            f"{owner}: {' and '.join(used)} need an action that names its targets and cost "
+            "(a dynarch.schedules.Action such as 'widen'); a plain function cannot be checked"
+        )
+
+
+def _check_fit(owner: str, trainer: Trainer, action: Action, embargo: Embargo | None) -> None:
+    """Checks run at fit start: the embargo watches this model; the action fits it."""
+    if embargo is not None and embargo.model is not trainer.model:
+        raise ValueError(
+            f"{owner}: the embargo listens to a different model than the trainer's; "
+            "build it with Embargo(trainer.model, ...)"
+        )
+    action.check(trainer.model)
+
+
+def grow_once(
+    trainer: Trainer,
+    action: Action,
+    reason: str,
+    *,
+    budget: Any = None,
+    embargo: Embargo | None = None,
+    hint: Sequence[str] | None = None,
+) -> tuple[list[Event], dict[str, Any]]:
+    """Apply ``action`` where it may grow now; returns its events and a plain-data record
+    ``{"step", "reason", "grown", "embargoed", "over_budget", "events"}``.
+
+    Targets are considered in the action's order: an embargoed one (any place it touches
+    blocked at ``trainer.step``) is skipped, then each remaining one is kept only if
+    ``budget.can_grow(model, cost so far + its cost)``. Unplanned actions are just called.
+
+    Example:
+        >>> import torch
+        >>> from dynarch.models import mlp
+        >>> from dynarch.train import Trainer
+        >>> model = mlp(4, [8], 2)
+        >>> data = (torch.randn(8, 4), torch.zeros(8, dtype=torch.long))
+        >>> t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, progress=False)
+        >>> events, record = grow_once(t, as_action("demo", "widen", {"amount": 2}), "manual")
+        >>> record["grown"], model.fc1.out_features
+        (['fc1'], 10)
+    """
+    model = trainer.model
+    record: dict[str, Any] = {"step": trainer.step, "reason": reason, "grown": []}
+    record |= {"embargoed": [], "over_budget": [], "events": 0}
+    if not action.planned:
+        events = action.apply(trainer, [], reason)
+        record["events"] = len(events)
+        return events, record
+    chosen: list[str] = []
+    total = 0
+    for target in action.targets(model, hint):
+        places = action.places(model, target)
+        if embargo is not None and not all(embargo.allowed(p, trainer.step) for p in places):
+            record["embargoed"].append(target)
+            continue
+        cost = action.cost(model, target)
+        if budget is not None and not budget.can_grow(model, total + cost):
+            record["over_budget"].append(target)
+            continue
+        chosen.append(target)
+        total += cost
+    events = action.apply(trainer, chosen, reason) if chosen else []
+    record["grown"], record["events"] = chosen, len(events)
+    return events, record
+
+
+def _trigger(spec: object) -> Trigger:
+    if isinstance(spec, Trigger):
+        return spec
+    if isinstance(spec, str):
+        return make_trigger(spec)
+    if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+        return make_trigger(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    raise TypeError(
+        "GrowAsNeeded: trigger must be a dynarch.triggers.Trigger (e.g. Plateau(patience=2)), "
+        f"a registered trigger name or a mapping with 'name'; got {spec!r}"
+    )
+
+
+def _trigger_label(trigger: Trigger) -> str:
+    """A trigger's registered name, else its class name in lower case."""
+    return trigger.name or type(trigger).__name__.lower()
+
+
+class GrowAsNeeded(Callback):
+    """Grow when a trigger fires: trigger → growth action → cooldown.
+
+    At each evaluation ``metrics[monitor]`` is fed to ``trigger``. When it fires, no
+    cooldown is running and fewer than ``max_growths`` growths happened, :meth:`grow` runs
+    ``action`` (see :func:`grow_once`: embargoed targets and targets over ``budget`` are
+    skipped). If it changed anything, the trigger is reset and a cooldown of ``cooldown``
+    **evaluations** starts, during which the trigger is neither fed nor consulted. If nothing
+    could be grown (all embargoed, over budget, nothing to do) the trigger is not reset, so
+    growth is retried at the next evaluation. Every attempt is logged in :attr:`attempts`.
+
+    ``action`` is an :class:`~dynarch.schedules.Action`, a registered action name with its
+    keyword arguments (``"widen", layers=["fc1"], amount=8`` or ``factor=1.5``, ``init=``), a
+    mapping ``{"name": "widen", ...}``, or a function ``fn(trainer)`` / ``fn(trainer,
+    reason=...)`` returning an Event, a list of Events or None (no budget/embargo then).
+    Events carry the reason :attr:`reason`, e.g. ``"plateau(val_loss)"`` (prefixed by
+    ``tag + ":"`` when ``tag`` is set). When the trigger has a ``where()`` method, its
+    answer is passed to the action as a hint (``WidenAction(layers=None)`` grows there).
+
+    Example:
+        >>> from dynarch.triggers import Plateau
+        >>> grow = GrowAsNeeded(Plateau(patience=3), "widen", layers=["fc1"], factor=2.0,
+        ...                     cooldown=2, max_growths=4)
+        >>> grow.growths, grow.cooldown_left
+        (0, 0)
+    """
+
+    def __init__(
+        self,
+        trigger: Trigger | str | Mapping[str, Any],
+        action: Action | str | Mapping[str, Any] | Any,
+        *,
+        monitor: str = "val_loss",
+        cooldown: int = 0,
+        budget: Any = None,
+        embargo: Embargo | None = None,
+        max_growths: int | None = None,
+        tag: str = "",
+        **action_kwargs: Any,
+    ) -> None:
+        owner = "GrowAsNeeded"
+        self.trigger = _trigger(trigger)
+        self.action = as_action(owner, action, action_kwargs)
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(
+                f"{owner}: monitor must be a metric name such as 'val_loss', got {monitor!r}"
+            )
+        if not isinstance(cooldown, int) or isinstance(cooldown, bool) or cooldown < 0:
+            raise ValueError(
+                f"{owner}: cooldown must be an int >= 0 (evaluations), got {cooldown!r}"
+            )
+        if max_growths is not None and (
+            not isinstance(max_growths, int) or isinstance(max_growths, bool) or max_growths < 1
+        ):
+            raise ValueError(
+                f"{owner}: max_growths must be None or an int >= 1, got {max_growths!r}"
+            )
+        if not isinstance(tag, str):
+            raise TypeError(f"{owner}: tag must be a str, got {tag!r}")
+        _check_budget(owner, budget)
+        _check_embargo(owner, embargo)
+        _check_planned(owner, self.action, budget, embargo)
+        self.monitor = monitor
+        self.cooldown = cooldown
+        self.budget = budget
+        self.embargo = embargo
+        self.max_growths = max_growths
+        self.tag = tag
+        self.growths = 0
+        self.cooldown_left = 0
+        self.attempts: list[dict[str, Any]] = []
+        self.events: list[Event] = []
+        """Events of this run (not checkpointed: the model's history holds them all)."""
+
+    @property
+    def reason(self) -> str:
+        """The reason given to growth events, e.g. ``"plateau(val_loss)"``."""
+        base = f"{_trigger_label(self.trigger)}({self.monitor})"
+        return f"{self.tag}:{base}" if self.tag else base
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Fail before training, not at the first trigger: eval data, embargo, action."""
+        if trainer.eval_data is None:
+            raise ValueError(
+                f"GrowAsNeeded monitors {self.monitor!r} at evaluations but the trainer has no "
+                "eval data; pass eval=(x, y) to the Trainer"
+            )
+        _check_fit("GrowAsNeeded", trainer, self.action, self.embargo)
+
+    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        """Feed the trigger; grow when it fires outside a cooldown."""
+        value = _monitored("GrowAsNeeded", self.monitor, metrics)
+        if self.max_growths is not None and self.growths >= self.max_growths:
+            return
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            return
+        if self.trigger.update(value):
+            self.grow(trainer)
+
+    def grow(self, trainer: Trainer) -> list[Event]:
+        """Run the action now (whatever the trigger says); returns the events (may be empty)."""
+        where = getattr(self.trigger, "where", None)
+        hint = where() if callable(where) else None
+        events, record = grow_once(
+            trainer, self.action, self.reason, budget=self.budget, embargo=self.embargo, hint=hint
+        )
+        self.attempts.append(record)
+        if events:
+            self.growths += 1
+            self.cooldown_left = self.cooldown
+            self.trigger.reset()
+            self.events.extend(events)
+        return events
+
+    def state_dict(self) -> dict[str, Any]:
+        """Trigger, counters, attempts, action and embargo states (plain data)."""
+        return {
+            "trigger": self.trigger.state_dict(),
+            "action": self.action.state_dict(),
+            "growths": self.growths,
+            "cooldown_left": self.cooldown_left,
+            "attempts": [dict(a) for a in self.attempts],
+            "embargo": None if self.embargo is None else self.embargo.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        keys = {"trigger", "action", "growths", "cooldown_left", "attempts", "embargo"}
+        check_state("GrowAsNeeded", state, keys)
+        if (state["embargo"] is None) != (self.embargo is None):
+            have = "has" if self.embargo is not None else "has no"
+            raise ValueError(
+                f"GrowAsNeeded: the saved state and this schedule disagree on the embargo "
+                f"(this one {have} embargo); build it with the same arguments"
+            )
+        self.trigger.load_state_dict(state["trigger"])
+        self.action.load_state_dict(state["action"])
+        self.growths = int(state["growths"])
+        self.cooldown_left = int(state["cooldown_left"])
+        self.attempts = [dict(a) for a in state["attempts"]]
+        if self.embargo is not None:
+            self.embargo.load_state_dict(state["embargo"])
