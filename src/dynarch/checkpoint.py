@@ -3,7 +3,8 @@
 A checkpoint is a directory, written atomically (temporary directory, fsync, ``os.replace``)::
 
     arch.json          format, version, base architecture, ordered structural events,
-                       engine state, SHA-256 and size of every other file
+                       engine state, slot states (if a slot topology is registered),
+                       SHA-256 and size of every other file
     model.safetensors  weights, buffers and masks
     optimizer.pt       optimizer state dict (params in model order, with their names)
     state.pt           step, RNG states (torch/CUDA/NumPy/Python), engine generator, user state
@@ -44,6 +45,7 @@ from ._engine import engine_state
 from .events import Event
 from .replay import register_replay, replay_function
 from .rng import capture_rng, restore_rng
+from .slots.topology import SlotTopology, register_topology, topology_of
 from .spec import build, class_path, describe_model
 
 __all__ = ["Checkpoint", "CheckpointError", "load", "register_replay", "save"]
@@ -176,6 +178,9 @@ def save(
             "optimizer_class": class_path(optimizer) if optimizer is not None else None,
             "files": {name: _digest(tmp / name) for name in FILES},
         }
+        topology = topology_of(model)
+        if topology is not None:
+            arch["slots"] = topology.state_dict()
         _fsync_write(tmp / "arch.json", json.dumps(arch, indent=1).encode())
         _fsync_dir(tmp)
         old = None
@@ -353,6 +358,14 @@ def load(
     """
     path = Path(path)
     arch = _read_arch(path)
+    topology = None
+    if "slots" in arch:
+        try:
+            topology = SlotTopology.from_state_dict(arch["slots"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"'{path}/arch.json' holds malformed slot states: {exc}"
+            ) from None
     with torch.random.fork_rng(devices=[]):  # building layers must not move the global RNG
         net, events = _rebuild(path, arch, model, modules or {})
     st = engine_state(net)
@@ -387,4 +400,6 @@ def load(
     st.base_spec = arch["base"]
     st.generator.set_state(user["engine_generator"])
     st.version += 1
+    if topology is not None:
+        register_topology(net, topology)
     return Checkpoint(net, opt_state, dict(user["user"]), st.step, user["rng"], events)

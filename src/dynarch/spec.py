@@ -2,9 +2,9 @@
 
 A checkpoint never pickles modules. A model made only of standard layers (``Sequential``,
 ``ModuleList``, ``ModuleDict``, ``Linear``, ``Conv2d``, norms, activations, dropout,
-pooling, ``Flatten``, ``Identity`` and dynarch's own ``Residual``) is described as a JSON
-tree of constructor arguments and rebuilt with no user code. Any other model is recorded
-by its import path and must be supplied when loading.
+pooling, ``Flatten``, ``Identity`` and dynarch's own ``Residual`` and ``BranchableLayer``) is
+described as a JSON tree of constructor arguments and rebuilt with no user code. Any other
+model is recorded by its import path and must be supplied when loading.
 
 Example:
     >>> import torch.nn as nn
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .nn import Residual
+from .nn import BranchableLayer, Residual
 from .sparse.layer import DynamicSparseLinear
 
 __all__ = ["build", "class_path", "describe", "describe_model", "import_class"]
@@ -107,6 +107,15 @@ def describe(module: nn.Module) -> dict[str, Any] | None:
             "args": {"alpha": float(alpha.detach()), "trainable_alpha": alpha.requires_grad},
             "children": [["module", inner]],
         }
+    if isinstance(module, BranchableLayer) and cls is BranchableLayer:
+        branches = [describe(b) for b in module.branches]
+        if any(b is None for b in branches):
+            return None
+        return {
+            "type": "BranchableLayer",
+            "args": {"max_branches": module.max_branches},
+            "children": [[str(i), b] for i, b in enumerate(branches)],
+        }
     if cls.__name__ in _CONTAINERS and cls is _CONTAINERS[cls.__name__]:
         children = []
         for name, child in module.named_children():
@@ -143,6 +152,12 @@ def build(spec: dict[str, Any]) -> nn.Module:
     if kind == "Residual":
         (_, inner), *_ = spec["children"]
         return Residual(build(inner), alpha=args["alpha"], trainable_alpha=args["trainable_alpha"])
+    if kind == "BranchableLayer":
+        first, *rest = (build(child) for _, child in spec["children"])
+        layer = BranchableLayer(first, max_branches=args["max_branches"])
+        for branch in rest:
+            layer.grow(branch)
+        return layer
     if kind not in _BY_NAME:
         raise ValueError(f"unknown module type '{kind}' in spec; known: {sorted(_BY_NAME)}")
     cls = _BY_NAME[kind]
