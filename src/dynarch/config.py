@@ -21,16 +21,29 @@ import datetime
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic import model_validator as _model_validator
 from torch import nn
 
 from . import models
+from ._config_base import (
+    ALGORITHMS,
+    Activation,
+    Algorithm,
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    UnitFloat,
+    _Monitored,
+    _Section,
+)
 from ._config_errors import combine, problem, suggest
+from ._config_growth import GrowthConfig
 
 __all__ = [
     "ALGORITHMS", "CNNConfig", "ConfigError", "DataConfig", "EarlyStoppingConfig",
@@ -38,16 +51,6 @@ __all__ = [
     "TrainConfig", "apply_override", "build_optimizer", "growth_targets", "load_config",
     "validate_config",
 ]  # fmt: skip
-
-Monitor = Literal["val_loss", "val_accuracy"]
-Algorithm = Literal["static", "set", "deep_r", "rigl", "snfs"]  # dynarch.sparse.ALGORITHMS
-ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
-Activation = Literal["relu", "leaky_relu", "gelu", "silu", "tanh", "elu"]
-PosInt = Annotated[int, Field(ge=1)]
-NonNegInt = Annotated[int, Field(ge=0)]
-NonNegFloat = Annotated[float, Field(ge=0.0)]
-PosFloat = Annotated[float, Field(gt=0.0)]
-UnitFloat = Annotated[float, Field(ge=0.0, lt=1.0)]  # in [0, 1)
 
 
 class ConfigError(ValueError):
@@ -57,19 +60,6 @@ class ConfigError(ValueError):
         >>> issubclass(ConfigError, ValueError)
         True
     """
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False)
-
-
-class _Monitored(_Section):
-    monitor: Monitor = "val_loss"
-
-    @property
-    def mode(self) -> str:
-        """``"max"`` for accuracy, ``"min"`` for losses."""
-        return "max" if "accuracy" in self.monitor else "min"
 
 
 class DataConfig(_Section):
@@ -163,34 +153,6 @@ class TrainConfig(_Section):
     log_every: PosInt = 50
     eval_every_epochs: PosInt = 1
     early_stopping: EarlyStoppingConfig | None = None
-
-
-class GrowthConfig(_Monitored):
-    """``growth:``: widen ``targets`` on a plateau (:class:`dynarch.callbacks.GrowOnPlateau`).
-
-    ``targets: hidden`` means every Linear/Conv2d but the output layer.
-    """
-
-    trigger: Literal["plateau"] = "plateau"
-    patience: PosInt = 2
-    threshold: NonNegFloat = 0.01
-    factor: Annotated[float, Field(gt=1.0)] = 1.5
-    max_width: PosInt | None = None
-    init: Literal["net2net", "zero", "random"] = "net2net"
-    noise: NonNegFloat = 0.0
-    max_events: PosInt | None = None
-    cooldown: NonNegInt = 0
-    targets: Union[Literal["hidden"], list[str]] = "hidden"  # noqa: UP007
-
-    @field_validator("targets", mode="before")
-    @classmethod
-    def _targets(cls, value: Any) -> Any:
-        names = value if isinstance(value, list) else [None]
-        if value != "hidden" and not (names and all(isinstance(v, str) and v for v in names)):
-            raise ValueError(
-                f"{value!r} is not allowed; use 'hidden' or a non-empty list of layer names"
-            )
-        return value
 
 
 class SparsityConfig(_Section):
