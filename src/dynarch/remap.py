@@ -5,12 +5,18 @@ Given, for every new unit, the old unit it comes from (``index``) and whether it
 consumer's input columns (a block per channel after ``Flatten``), the masks of sparse
 layers, and the optimizer state. Modules are changed in place (same objects, same names);
 their parameters become new tensors that take the old ones' place in the optimizer.
+
+A ``weight_patch`` buffer (positions turned on by growth, :mod:`dynarch.growth.connect`) is
+re-indexed like the mask: copies keep their source's flags, fresh units start unflagged.
+Modules that read or write a space without being visible to the traced graph (skip
+projections of :mod:`dynarch.growth.skip`, run by forward hooks) are found through
+:func:`register_remap_extra`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +26,26 @@ from ._engine import engine_state
 from .graph import ChannelGroup, ModelGraph
 from .optim import ParamChange, transplant
 
-__all__ = ["out_units", "remap"]
+__all__ = ["out_units", "register_remap_extra", "remap"]
+
+PATCH = "weight_patch"
+RemapExtra = Callable[[nn.Module, ModelGraph, ChannelGroup], dict[str, set[str]]]
+_EXTRAS: list[RemapExtra] = []
+
+
+def register_remap_extra(fn: RemapExtra) -> RemapExtra:
+    """Register ``fn(model, graph, group) -> {module name: roles}`` naming extra Linear/Conv2d
+    modules that a re-indexing of ``group`` must also rewrite: role ``"out"`` (their output
+    rows are units of the space) and/or ``"in"`` (their input columns are). Decorator;
+    registering the same function twice keeps one.
+
+    Example:
+        >>> fn = register_remap_extra(lambda model, graph, group: {})
+        >>> _EXTRAS.remove(fn)
+    """
+    if fn not in _EXTRAS:
+        _EXTRAS.append(fn)
+    return fn
 
 
 def out_units(module: nn.Module) -> int:
@@ -192,6 +217,9 @@ def remap(
         roles.setdefault(name, set()).add("out")
     for name, flat in group.consumers:
         roles.setdefault(name, set()).add("flat" if flat else "in")
+    for extra in _EXTRAS:
+        for name, role in extra(model, graph, group).items():
+            roles.setdefault(name, set()).update(role)
     changes: list[ParamChange] = []
     with torch.no_grad():
         for name, role in roles.items():
@@ -199,13 +227,18 @@ def remap(
             assert isinstance(layer, nn.Linear | nn.Conv2d)
             w = layer.weight.detach()
             mask = layer._buffers.get("weight_mask")
+            patch = layer._buffers.get(PATCH)
             maps: dict[int, torch.Tensor] = {}
             if "out" in role:
                 w, mask = _rows(layer, plan, w, mask, changes)
                 maps[0] = plan.state_index
+                patch = _patch_rows(patch, plan)
             if role & {"in", "flat"}:
                 block = w.shape[1] // old_width if "flat" in role else 1
+                patch = _patch_cols(patch, plan, block)
                 w, mask, maps[1] = _cols(layer, plan, w, mask, block)
+            if patch is not None:
+                layer.weight_patch = patch
             if mask is not None:
                 w = w * mask
                 layer.weight_mask = mask
@@ -213,6 +246,29 @@ def remap(
         for name in group.norms:
             _remap_norm(graph.modules[name], group.norm_dims[name], plan, changes)
     transplant(optimizer, changes)
+
+
+def _patch_rows(patch: torch.Tensor | None, plan: _Plan) -> torch.Tensor | None:
+    """Re-index the output rows of a ``weight_patch`` (fresh units: unflagged)."""
+    if patch is None:
+        return None
+    patch = patch.index_select(0, plan.index.to(patch.device))
+    if plan.fresh:
+        patch[plan.new_pos.to(patch.device)] = False
+    return patch
+
+
+def _patch_cols(patch: torch.Tensor | None, plan: _Plan, block: int) -> torch.Tensor | None:
+    """Re-index the input columns of a ``weight_patch`` (fresh units: unflagged)."""
+    if patch is None:
+        return None
+    offsets = torch.arange(block)
+    cols = (plan.index[:, None] * block + offsets).reshape(-1).to(patch.device)
+    patch = patch.index_select(1, cols)
+    if plan.fresh:
+        new = (plan.new_pos[:, None] * block + offsets).reshape(-1).to(patch.device)
+        patch[:, new] = False
+    return patch
 
 
 def _remap_norm(mod: nn.Module, dim: int, plan: _Plan, changes: list[ParamChange]) -> None:

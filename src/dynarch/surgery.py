@@ -53,6 +53,7 @@ def widen(
     optimizer: torch.optim.Optimizer | None = None,
     init: str = "net2net",
     noise: float = 0.0,
+    sources: torch.Tensor | Sequence[int] | None = None,
     reason: str = "",
     record: bool = True,
 ) -> Event:
@@ -67,6 +68,8 @@ def widen(
           the consumers' input weights of a unit and its copies are divided among them, so
           the function is unchanged (exactly when ``noise == 0``; ``noise`` adds Gaussian noise
           of ``noise × std(weight)`` to the copies' incoming weights to break symmetry).
+          ``sources`` (``width - current`` unit indices, repeats allowed) names the unit each
+          new unit copies instead (vertical cloning of chosen units).
         * ``"zero"`` — new units get default-random incoming weights and zero outgoing
           weights: the function is unchanged.
         * ``"random"`` — new units get default-random incoming *and outgoing* weights: this
@@ -106,12 +109,13 @@ def widen(
     _check_blocks(graph, group, old, target)
     gen = engine_state(model).generator
     extra = width - old
-    sources = (
-        torch.randint(0, old, (extra,), generator=gen)
-        if init == "net2net"
-        else torch.zeros(extra, dtype=torch.long)
-    )
-    index = torch.cat([torch.arange(old), sources])
+    if sources is not None:
+        copied = _check_sources(sources, init, extra, old, target)
+    elif init == "net2net":
+        copied = torch.randint(0, old, (extra,), generator=gen)
+    else:
+        copied = torch.zeros(extra, dtype=torch.long)
+    index = torch.cat([torch.arange(old), copied])
     is_new = torch.cat([torch.zeros(old, dtype=torch.bool), torch.ones(extra, dtype=torch.bool)])
     with transaction(model, "widen", target, reason=reason, record=record) as tx:
         remap(
@@ -126,9 +130,40 @@ def widen(
             optimizer=optimizer,
         )
         tx.details = _details(group, old, width) | {"init": init, "noise": float(noise)}
+        if sources is not None:
+            tx.details["sources"] = copied.tolist()
         tx.replay = {"target": target, "width": width}
     assert tx.event is not None
     return tx.event
+
+
+def _check_sources(
+    sources: torch.Tensor | Sequence[int], init: str, extra: int, old: int, target: str
+) -> torch.Tensor:
+    """``sources`` as a CPU LongTensor of ``extra`` unit indices in ``[0, old)``."""
+    if init != "net2net":
+        raise ValueError(
+            f"sources= names the units that new units copy, which only init='net2net' does; "
+            f"got init='{init}'"
+        )
+    idx = torch.as_tensor(sources)
+    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype in (torch.bool, torch.complex64):
+        raise ValueError(
+            f"sources must be a 1-D tensor or list of unit indices, got {idx.dtype} of shape "
+            f"{tuple(idx.shape)}"
+        )
+    if idx.numel() != extra:
+        raise ValueError(
+            f"sources holds {idx.numel()} unit indices but widening '{target}' from {old} adds "
+            f"{extra} units; give one source unit per new unit"
+        )
+    idx = idx.long().cpu()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= old):
+        raise ValueError(
+            f"sources holds indices outside [0, {old}) for '{target}' "
+            f"(min {int(idx.min())}, max {int(idx.max())})"
+        )
+    return idx
 
 
 def shrink(

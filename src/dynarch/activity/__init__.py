@@ -1,0 +1,388 @@
+"""Activity statistics of units: which units are dead, saturated or unused (:class:`Extrema`,
+:class:`Utilization`).
+
+Both triggers watch the *post-activation* output of chosen ``Linear``/``Conv2d`` layers (each
+keyed by the producer's name): the output of the activation module that follows the layer
+(through a BatchNorm/LayerNorm) in the traced forward, or the layer's own output when no
+activation module follows (functional activations, an untraceable model). Forward hooks
+accumulate, per unit, over every observed sample (conv: every sample and position), the sum
+of activations, of their absolute values, the number of positive (*active*) and of non-zero
+values: a few vectorised reductions per forward, no per-element loops.
+
+Collect with :meth:`~Extrema.observe` (one held-out batch in eval mode without gradients,
+restoring each module's mode) or between :meth:`~Extrema.start` and :meth:`~Extrema.stop`
+during training (call ``stop()`` before deep-copying the model: hooks hold the trigger).
+When a layer's width changes (``widen``/``shrink``/``clone_units``) its statistics no longer
+fit and are discarded: the layer reads as unobserved until it is observed again.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> with torch.no_grad():
+    ...     model[0].bias[:3] = -100.0  # three units that never fire
+    >>> ex = Extrema(model, eps=0.01, fire_fraction=0.25)
+    >>> ex.observe(torch.randn(64, 4))
+    >>> ex.dead_units("0").tolist(), ex.update()
+    ([0, 1, 2], True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..graph import resolve as _resolve
+from ..remap import out_units
+from ..triggers import Trigger, check_state, register_trigger
+from ._taps import carrier, forward_layers, post_activation, try_analyse
+
+__all__ = [
+    "SATURATION", "Extrema", "Utilization", "carrier", "forward_layers", "post_activation",
+    "try_analyse",
+]  # fmt: skip
+
+SATURATION = ("bounded", "quantile")
+_LAYERS = (nn.Linear, nn.Conv2d)
+_KEYS = ("count", "sum", "abs_sum", "active", "nonzero")
+_SUMS = _KEYS[1:]
+
+
+def _bound(mod: nn.Module) -> float | None:
+    """Largest |output| of a bounded activation module (None: unbounded)."""
+    if isinstance(mod, nn.Sigmoid | nn.Tanh | nn.Hardsigmoid | nn.Softsign):
+        return 1.0
+    if isinstance(mod, nn.ReLU6):
+        return 6.0
+    if isinstance(mod, nn.Hardtanh):
+        return max(abs(float(mod.min_val)), abs(float(mod.max_val)))
+    return None
+
+
+def _fraction(name: str, value: object, *, closed: bool = False) -> float:
+    number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else -1
+    if not math.isfinite(number) or not (0 < number < 1 or (closed and number == 1)):
+        interval = "(0, 1]" if closed else "(0, 1)"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return number
+
+
+class _Activity(Trigger):
+    """Shared collection machinery of :class:`Extrema` and :class:`Utilization`."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str] | None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        graph = try_analyse(model)
+        if layers is None:
+            found = forward_layers(model, graph)
+            if len(found) < 2:
+                raise ValueError(
+                    f"model has {len(found)} Linear/Conv2d layer(s); by default every one but "
+                    "the last (output) layer is watched, so pass layers=[...] explicitly"
+                )
+            self.layers = found[:-1]
+        else:
+            if isinstance(layers, str) or not all(isinstance(n, str) for n in layers):
+                raise TypeError(f"layers must be a list of module names, got {layers!r}")
+            if not layers:
+                raise ValueError("layers is empty; name at least one Linear/Conv2d module")
+            for n in layers:
+                _resolve(model, n, _LAYERS)
+            self.layers = list(dict.fromkeys(layers))
+        self._stats: dict[str, dict[str, Tensor]] = {}  # per-unit sums
+        self._count: dict[str, int] = {}  # observations per unit (a shape fact: no sync)
+        self._handles: list[RemovableHandle] = []
+        self.taps = {n: post_activation(graph, n) for n in self.layers}
+
+    # -- collection ------------------------------------------------------------------------
+
+    def _hook(self, name: str, conv: bool) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not isinstance(output, Tensor):
+                return
+            t = output.detach()
+            dim = (1 if t.dim() == 4 else 0) if conv else t.dim() - 1
+            dims = [d for d in range(t.dim()) if d != dim]
+            width = t.shape[dim]
+            s = self._stats.get(name)
+            if s is None or s["sum"].numel() != width or s["sum"].device != t.device:
+                dtype = torch.float32 if t.device.type == "mps" else torch.float64
+                s = {k: torch.zeros(width, dtype=dtype, device=t.device) for k in _SUMS}
+                self._stats[name], self._count[name] = s, 0
+            self._count[name] += t.numel() // max(width, 1)
+            s["sum"] += t.sum(dims, dtype=s["sum"].dtype)
+            s["abs_sum"] += t.abs().sum(dims, dtype=s["sum"].dtype)
+            s["active"] += (t > 0).sum(dims)
+            s["nonzero"] += (t != 0).sum(dims)
+
+        return hook
+
+    def start(self) -> None:
+        """Register the forward hooks (re-resolving each layer's post-activation module), so
+        every forward pass from now on is counted; idempotent."""
+        if self._handles:
+            return
+        graph = try_analyse(self.model)
+        modules = dict(self.model.named_modules())
+        for name in self.layers:
+            producer = modules.get(name)
+            if not isinstance(producer, _LAYERS):
+                raise ValueError(
+                    f"layer '{name}' is no longer a Linear/Conv2d of the model; "
+                    "build a new trigger for the current model"
+                )
+            self.taps[name] = tap = post_activation(graph, name)
+            hook = self._hook(name, isinstance(producer, nn.Conv2d))
+            self._handles.append(modules[tap].register_forward_hook(hook))
+
+    def stop(self) -> None:
+        """Remove the hooks (statistics are kept)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def observe(self, *inputs: Any) -> None:
+        """Forward ``model(*inputs)`` in eval mode without gradients, counting the activations;
+        every module's train/eval mode is restored afterwards."""
+        modes = {m: m.training for m in self.model.modules()}
+        started = not self._handles
+        self.start()
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(*inputs)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+            if started:
+                self.stop()
+
+    def statistics(self, layer: str) -> dict[str, Tensor] | None:
+        """Per-unit ``{"count", "mean", "mean_abs", "active", "nonzero"}`` of ``layer``
+        (``active``/``nonzero``: fractions of observations), or ``None`` when it has no
+        observations fitting its current width."""
+        if layer not in self.layers:
+            raise KeyError(f"layer '{layer}' is not watched; watched layers: {self.layers}")
+        s = self._stats.get(layer)
+        module = self.model.get_submodule(layer)
+        n = self._count.get(layer, 0)
+        if s is None or s["sum"].numel() != out_units(module) or n == 0:
+            return None
+        return {"count": torch.tensor(float(n), dtype=s["sum"].dtype),
+                "mean": s["sum"] / n, "mean_abs": s["abs_sum"] / n,
+                "active": s["active"] / n, "nonzero": s["nonzero"] / n}  # fmt: skip
+
+    def reset(self) -> None:
+        """Forget every statistic (hooks, if started, stay)."""
+        self._stats, self._count = {}, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"stats": {layer: {"count": int, "sum", "abs_sum", "active", "nonzero"}}}`` (the
+        per-unit sums are tensors)."""
+        return {
+            "stats": {
+                n: {"count": self._count[n]} | {k: v.clone() for k, v in s.items()}
+                for n, s in self._stats.items()
+            }
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        owner = type(self).__name__
+        check_state(owner, state, {"stats"})
+        stats = state["stats"]
+        unknown = sorted(set(stats) - set(self.layers)) if isinstance(stats, dict) else None
+        if unknown is None or unknown:
+            raise ValueError(
+                f"{owner} state has statistics for layers {unknown}, not watched here; "
+                f"watched layers: {self.layers}"
+            )
+        for name, s in stats.items():
+            check_state(f"{owner} statistics of '{name}'", s, set(_KEYS))
+        self._stats = {n: {k: s[k].clone() for k in _SUMS} for n, s in stats.items()}
+        self._count = {n: int(s["count"]) for n, s in stats.items()}
+
+
+@register_trigger("extrema")
+class Extrema(_Activity):
+    """Dead and saturated units per layer; fires when some layer has too many of them.
+
+    A unit is **dead** when it is active (post-activation ``> 0``) on fewer than ``eps`` of
+    the observations. It is **saturated** by the rule chosen with ``saturation``:
+
+    * ``None`` (default, no ``quantile``): never (only dead units count);
+    * ``"bounded"``: its mean ``|activation|`` exceeds ``(1 - eps) × bound``, the bound of the
+      bounded activation that follows the layer (Sigmoid/Tanh/Hardsigmoid/Softsign 1, ReLU6
+      6, Hardtanh ``max(|min_val|, |max_val|)``); a layer with an unbounded activation is
+      refused;
+    * ``"quantile"`` (implied by giving ``quantile=q``): its mean activation is *strictly*
+      above the ``q``-quantile (linear interpolation) of the layer's unit means: the
+      relatively most active units, at most a ``1 - q`` share of them (none when all means
+      are equal).
+
+    A unit that is both counts once. :meth:`update` fires when some layer's extrema
+    (dead ∪ saturated) fraction is ``>= fire_fraction``; ``value`` is ignored.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 1))
+        >>> with torch.no_grad():
+        ...     model[0].bias[0] = 50.0  # always ~1: saturated
+        >>> ex = Extrema(model, saturation="bounded")
+        >>> ex.observe(torch.randn(32, 4))
+        >>> ex.saturated_units("0").tolist(), ex.fractions()["0"]["saturated"]
+        ([0], 0.16666666666666666)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str] | None = None,
+        *,
+        eps: float = 0.01,
+        saturation: str | None = None,
+        quantile: float | None = None,
+        fire_fraction: float = 0.1,
+    ) -> None:
+        self.eps = _fraction("eps", eps)
+        self.fire_fraction = _fraction("fire_fraction", fire_fraction, closed=True)
+        if saturation is None and quantile is not None:
+            saturation = "quantile"
+        if saturation is not None and saturation not in SATURATION:
+            raise ValueError(
+                f"unknown saturation rule {saturation!r}; allowed: None, 'bounded', 'quantile'"
+            )
+        if saturation == "quantile" and quantile is None:
+            raise ValueError("saturation='quantile' needs quantile=q with q in (0, 1)")
+        if saturation == "bounded" and quantile is not None:
+            raise ValueError("quantile= only applies to saturation='quantile', not 'bounded'")
+        self.quantile = None if quantile is None else _fraction("quantile", quantile)
+        self.saturation = saturation
+        super().__init__(model, layers)
+        if saturation == "bounded":
+            for name, tap in self.taps.items():
+                act = self.model.get_submodule(tap)
+                if _bound(act) is None:
+                    what = "no activation module" if tap == name else type(act).__name__
+                    raise ValueError(
+                        f"saturation='bounded' needs a bounded activation after each layer, but "
+                        f"'{name}' is followed by {what}; use saturation='quantile' with "
+                        "quantile=q, or watch other layers"
+                    )
+
+    def _masks(self, layer: str) -> tuple[Tensor, Tensor] | None:
+        s = self.statistics(layer)
+        if s is None:
+            return None
+        dead = s["active"] < self.eps
+        if self.saturation == "bounded":
+            bound = _bound(self.model.get_submodule(self.taps[layer]))
+            assert bound is not None
+            sat = s["mean_abs"] > (1 - self.eps) * bound
+        elif self.saturation == "quantile":
+            assert self.quantile is not None
+            mean = s["mean"]
+            sat = mean > torch.quantile(mean, self.quantile)
+        else:
+            sat = torch.zeros_like(dead)
+        return dead, sat
+
+    def dead_units(self, layer: str) -> Tensor:
+        """Indices of the dead units of ``layer`` (ascending; empty when unobserved)."""
+        masks = self._masks(layer)
+        return torch.zeros(0, dtype=torch.long) if masks is None else masks[0].nonzero()[:, 0]
+
+    def saturated_units(self, layer: str) -> Tensor:
+        """Indices of the saturated units of ``layer`` (ascending; empty when unobserved)."""
+        masks = self._masks(layer)
+        return torch.zeros(0, dtype=torch.long) if masks is None else masks[1].nonzero()[:, 0]
+
+    def extrema_units(self, layer: str) -> Tensor:
+        """Indices of the dead or saturated units of ``layer`` (ascending)."""
+        masks = self._masks(layer)
+        if masks is None:
+            return torch.zeros(0, dtype=torch.long)
+        return (masks[0] | masks[1]).nonzero()[:, 0]
+
+    def _counts(self) -> dict[str, list[float]]:
+        """``layer -> [dead, saturated, extrema]`` fractions of the observed layers."""
+        rows: dict[str, Tensor] = {}
+        for name in self.layers:
+            masks = self._masks(name)
+            if masks is not None:
+                dead, sat = masks
+                counts = torch.stack([dead.sum(), sat.sum(), (dead | sat).sum()])
+                rows[name] = counts.double() / dead.numel()
+        if not rows:
+            return {}
+        values = torch.stack([r.cpu() for r in rows.values()]).tolist()  # one sync
+        return dict(zip(rows, values, strict=True))
+
+    def fractions(self) -> dict[str, dict[str, float]]:
+        """``{layer: {"dead": f, "saturated": f}}`` for every watched layer (0.0 when it has no
+        observations)."""
+        counts = self._counts()
+        zero = [0.0, 0.0, 0.0]
+        return {n: dict(zip(("dead", "saturated"), counts.get(n, zero)[:2])) for n in self.layers}
+
+    def where(self) -> list[str]:
+        """Observed layers by extrema (dead ∪ saturated) fraction, descending (ties: model
+        order)."""
+        counts = self._counts()
+        return sorted(counts, key=lambda n: -counts[n][2])
+
+    def update(self, value: float | None = None) -> bool:
+        """True when some layer's extrema fraction is ``>= fire_fraction`` (``value`` is
+        ignored: the statistics are the observation)."""
+        return any(c[2] >= self.fire_fraction for c in self._counts().values())
+
+
+@register_trigger("utilization")
+class Utilization(_Activity):
+    """Fraction of non-zero post-activations per layer; fires when some layer uses too little.
+
+    The question it answers: *is some layer's capacity idle?* A layer's utilization is the
+    share of (unit, observation) pairs whose post-activation is non-zero; :meth:`update`
+    fires when some observed layer's utilization is ``< threshold`` (``value`` is ignored).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> with torch.no_grad():
+        ...     model[0].bias[:] = torch.tensor([-100.0, -100.0, -100.0, 100.0])
+        >>> u = Utilization(model, threshold=0.5)
+        >>> u.observe(torch.randn(16, 4))
+        >>> u.utilization(), u.update(), u.where()
+        ({'0': 0.25}, True, ['0'])
+    """
+
+    def __init__(
+        self, model: nn.Module, layers: Sequence[str] | None = None, *, threshold: float = 0.5
+    ) -> None:
+        self.threshold = _fraction("threshold", threshold, closed=True)
+        super().__init__(model, layers)
+
+    def utilization(self) -> dict[str, float]:
+        """``{layer: fraction of non-zero post-activations}`` of the observed layers."""
+        rows: dict[str, Tensor] = {}
+        for name in self.layers:
+            s = self.statistics(name)
+            if s is not None:
+                rows[name] = s["nonzero"].mean()
+        if not rows:
+            return {}
+        values = torch.stack([r.cpu() for r in rows.values()]).tolist()
+        return dict(zip(rows, values, strict=True))
+
+    def where(self) -> list[str]:
+        """Layers whose utilization is below ``threshold``, least utilised first."""
+        util = self.utilization()
+        return sorted((n for n in util if util[n] < self.threshold), key=lambda n: util[n])
+
+    def update(self, value: float | None = None) -> bool:
+        """True when some observed layer's utilization is ``< threshold``."""
+        return any(u < self.threshold for u in self.utilization().values())
