@@ -1,0 +1,203 @@
+"""Dead-neuron highways: repurpose dead units as long-range forward skips.
+
+For each layer ``L`` with dead units ``D`` (e.g. :meth:`dynarch.activity.Extrema.dead_units`)
+and the chain of layers after it, ``L → P1 → … → P_span`` (each the single layer reading the
+previous one's units, found on the traced graph), :func:`highways` does, in one ``"highway"``
+event per layer:
+
+1. **re-point**: the incoming weights of the units ``D`` of ``L`` are re-drawn from
+   ``U(-b, b)``, ``b = 1/sqrt(fan_in)`` (engine generator; masked positions stay zero) and
+   their biases set to 0, so they carry ``L``'s input again; their optimizer state is reset;
+2. **reroute**: their outgoing connections in ``P1`` (the input columns ``D``) are zeroed
+   (and switched off in ``P1``'s mask when it is masked; optimizer state reset);
+3. **highway**: a zero-initialised, masked skip projection (:mod:`dynarch.growth.skip`) from
+   ``L``'s post-activation output to ``P_span``'s output, whose only active connections are
+   the columns ``D`` (``len(D) × width(P_span)`` weights), bypassing ``P1 … P_{span-1}``.
+
+The function is unchanged on every input where the dead units output exactly 0 (for ReLU-like
+activations: every input where they were inactive, so every observed sample): their old
+outgoing weights only ever multiplied zeros, their new outputs meet zero columns, and the
+highway starts at zero. ``span`` must be at least 2 (``span=1`` would route them back to
+``P1``). Pass ``optimizer`` so the highway's mask is enforced and its weight trains.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+    ...                       nn.Linear(6, 2))
+    >>> with torch.no_grad():
+    ...     model[0].bias[:2] = -100.0  # units 0 and 1 are dead
+    >>> x = torch.randn(8, 4); before = model(x)
+    >>> (event,) = highways(model, {"0": torch.tensor([0, 1])})
+    >>> event.details["target"], event.details["active"]
+    ('4', 4)
+    >>> torch.equal(model(x), before)
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._engine import engine_state, transaction
+from .._validate import check_int, check_optimizer
+from ..activity import Extrema, post_activation
+from ..events import Event
+from ..graph import ModelGraph, UnsupportedModelError, analyse
+from ..masks import MASK
+from ..remap import out_units
+from ..sparse._ops import fan_in_bound, state_tensors
+from ._units import check_reason, get_layer, unit_indices
+from .skip import _details, _join, _skip_replay, build_skip, plan_skip
+
+__all__ = ["chain", "highways"]
+
+
+def chain(graph: ModelGraph, name: str, span: int) -> list[str]:
+    """The ``span`` layers after ``name``, each the single reader of the previous one's units.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.Linear(3, 1))
+        >>> chain(analyse(net), "0", 2)
+        ['2', '3']
+    """
+    path: list[str] = []
+    cur = name
+    for _ in range(span):
+        group = graph.group(cur)
+        if len(group.producers) != 1:
+            raise UnsupportedModelError(
+                f"cannot route a highway through '{cur}': its units are shared with "
+                f"{group.producers} through a residual add"
+            )
+        readers = [c for c, _ in group.consumers]
+        if len(readers) != 1:
+            raise UnsupportedModelError(
+                f"a highway from '{name}' with span={span} needs a chain of {span} layers each "
+                f"read by exactly one layer, but '{cur}' is read by {readers or 'no layer'}"
+            )
+        cur = readers[0]
+        path.append(cur)
+    return path
+
+
+def _dead_of(model: nn.Module, units: Any) -> dict[str, Tensor]:
+    if isinstance(units, Extrema):
+        if units.model is not model:
+            raise ValueError("the Extrema given watches another model than the one to change")
+        found = {n: units.dead_units(n) for n in units.layers}
+    elif isinstance(units, Mapping):
+        found = {n: unit_indices(u, get_layer(model, n), n) for n, u in units.items()}
+    else:
+        raise TypeError(
+            f"units must be {{layer name: unit indices}} or an Extrema, got {type(units).__name__}"
+        )
+    return {n: t for n, t in found.items() if t.numel()}
+
+
+def _reset(t: Tensor, optimizer: torch.optim.Optimizer | None, idx: Tensor, dim: int) -> None:
+    for state in state_tensors(optimizer, t):
+        state.index_fill_(dim, idx, 0)
+
+
+def highways(
+    model: nn.Module,
+    extrema_or_units: Extrema | Mapping[str, Tensor | Sequence[int]],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    span: int = 2,
+    reason: str = "",
+) -> list[Event]:
+    """Turn the dead units of each layer into a highway to the layer ``span`` steps ahead.
+
+    ``extrema_or_units`` is an :class:`~dynarch.activity.Extrema` (its dead units) or
+    ``{layer: unit indices}``. See the module doc for what happens exactly. Returns one
+    ``"highway"`` event per layer with dead units (none: ``[]``); details: ``layer``,
+    ``units``, ``consumer`` (``P1``), ``span``, and the skip's ``source``, ``target``,
+    ``module``, ``kind``, ``in``, ``out``, ``params``, ``active``. All layers are checked
+    before anything changes.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(),
+        ...                       nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+        >>> [e.details["target"] for e in highways(model, {"0": [2]}, span=3)]
+        ['6']
+    """
+    check_optimizer(optimizer, optional=True)
+    check_int("span", span, 2)
+    check_reason(reason)
+    dead = _dead_of(model, extrema_or_units)
+    if not dead:
+        return []
+    graph = analyse(model)
+    plans = {}
+    for name in dead:
+        path = chain(graph, name, span)
+        width, cols = out_units(get_layer(model, name)), get_layer(model, path[0]).weight.shape[1]
+        if cols != width:
+            raise UnsupportedModelError(
+                f"'{path[0]}' reads the {width} units of '{name}' as {cols} inputs (flattened); "
+                "a highway needs a layer reading them one column each"
+            )
+        source = post_activation(graph, name)
+        plans[name] = (path, source, plan_skip(model, source, path[-1], graph))
+    gen = engine_state(model).generator
+    events = []
+    for name, units in dead.items():
+        path, source, (kind, n_in, n_out) = plans[name]
+        layer, first = get_layer(model, name), get_layer(model, path[0])
+        mask = torch.zeros(n_out, n_in, *((1, 1) if kind == "Conv2d" else ()), dtype=torch.bool)
+        mask[:, units] = True
+        with transaction(model, "highway", name, reason=reason) as tx:
+            _repoint(layer, units, optimizer, gen)
+            _reroute(first, units, optimizer)
+            skip_name, skip = build_skip(
+                model, source, path[-1], kind=kind, n_in=n_in, n_out=n_out, mask=mask
+            )
+            _join(model, skip, optimizer)
+            tx.details = {"layer": name, "units": units.tolist(), "consumer": path[0],
+                          "span": span} | _details(skip_name, skip, kind, n_in, n_out)  # fmt: skip
+            tx.replay = _skip_replay(skip_name, skip, kind, n_in, n_out)
+        assert tx.event is not None
+        events.append(tx.event)
+    return events
+
+
+def _repoint(
+    layer: nn.Linear | nn.Conv2d,
+    units: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    gen: torch.Generator,
+) -> None:
+    """Fresh fan-in uniform incoming weights (masked positions stay 0) and zero biases."""
+    w = layer.weight
+    rows = units.to(w.device)
+    bound = fan_in_bound(w)
+    values = (torch.rand((units.numel(), *w.shape[1:]), generator=gen) * 2 - 1) * bound
+    values = values.to(w.device, w.dtype)
+    mask = layer._buffers.get(MASK)
+    with torch.no_grad():
+        if mask is not None:
+            values *= mask.index_select(0, rows)
+        w.index_copy_(0, rows, values)
+        _reset(w, optimizer, rows, 0)
+        if layer.bias is not None:
+            layer.bias.index_fill_(0, rows, 0.0)
+            _reset(layer.bias, optimizer, rows, 0)
+
+
+def _reroute(
+    consumer: nn.Linear | nn.Conv2d, units: Tensor, optimizer: torch.optim.Optimizer | None
+) -> None:
+    """Zero (and mask off) ``consumer``'s input columns ``units``."""
+    w = consumer.weight
+    cols = units.to(w.device)
+    with torch.no_grad():
+        w.index_fill_(1, cols, 0.0)
+        _reset(w, optimizer, cols, 1)
+        mask = consumer._buffers.get(MASK)
+        if mask is not None:
+            mask.index_fill_(1, cols, False)
