@@ -88,7 +88,11 @@ def test_run_writes_a_complete_run_dir(tmp_path: Path) -> None:
         "fc1": 16, "fc2": 12, "out": 10,
     }  # fmt: skip
     params = 40 * 16 + 16 + 16 * 12 + 12 + 12 * 10 + 10
-    assert summary["params"] == {"start": params, "end": params, "active": params}
+    weights = 40 * 16 + 16 * 12 + 12 * 10
+    assert summary["params"] == {
+        "start": params, "end": params, "active": params, "weights": weights,
+    }  # fmt: skip
+    assert summary["test"] is None  # no data.n_val: the evaluation set is the test set
     assert summary["final"] == evals[-1] and summary["events"] == []
     model = load(run_dir / "checkpoint").model
     assert [m.out_features for m in model if isinstance(m, torch.nn.Linear)] == [16, 12, 10]

@@ -182,3 +182,19 @@ def test_grow_on_plateau_resets_its_trigger_after_growth() -> None:
         grow.on_evaluate(trainer, {"val_loss": loss})  # type: ignore[arg-type]
     assert model[0].out_features == 8
     assert grow.trigger.state_dict() == {"best": None, "wait": 0}
+
+
+def test_every_fires_on_each_nth_update_and_round_trips() -> None:
+    from dynarch.triggers import Every, make_trigger
+
+    t = make_trigger("every", n=3)
+    assert isinstance(t, Every)
+    assert [t.update(0.0) for _ in range(7)] == [False, False, True, False, False, True, False]
+    fresh = Every(3)
+    fresh.load_state_dict(t.state_dict())
+    assert [fresh.update(), t.update()] == [False, False]
+    assert [fresh.update(), t.update()] == [True, True]
+    with pytest.raises(ValueError, match=r"n must be an int >= 1, got 0"):
+        Every(0)
+    with pytest.raises(ValueError, match=r"Every state must have keys \['count'\]"):
+        fresh.load_state_dict({"n": 1})

@@ -7,7 +7,19 @@ the event history (``history``) are available at the top level.
 
 from __future__ import annotations
 
-from . import callbacks, data, masks, prune, sparse, triggers
+from . import (
+    activity,
+    callbacks,
+    data,
+    growth,
+    lr,
+    masks,
+    prune,
+    schedules,
+    slots,
+    sparse,
+    triggers,
+)
 from ._engine import engine_state, history, set_seed
 from .checkpoint import Checkpoint, CheckpointError, load, save
 from .events import Event
@@ -28,6 +40,7 @@ __all__ = [
     "Trainer",
     "UnsupportedModelError",
     "__version__",
+    "activity",
     "attach",
     "callbacks",
     "data",
@@ -35,13 +48,17 @@ __all__ = [
     "detach",
     "engine_state",
     "fit",
+    "growth",
     "history",
     "load",
+    "lr",
     "masks",
     "prune",
     "save",
+    "schedules",
     "set_seed",
     "shrink",
+    "slots",
     "sparse",
     "sparsify",
     "triggers",

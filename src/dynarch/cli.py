@@ -31,13 +31,14 @@ import torch
 
 from . import report
 from ._engine import count_params, set_seed
-from .callbacks import Callback, EarlyStopping, GrowOnPlateau
-from .config import ConfigError, RunConfig, build_optimizer, growth_targets, load_config
+from .callbacks import Callback, EarlyStopping
+from .config import ConfigError, RunConfig, build_optimizer, load_config
 from .data import DataCorruptError, DataNotFoundError
 from .models import build_model, layer_widths
 from .report import RUN_FILES as RUN_FILES
 from .report import UsageProblem, config_lines, event_rows, inspect_run, read_jsonl, summary_text
 from .report import format_table as format_table
+from .rescue import METHODS as RESCUE_METHODS
 
 __all__ = ["execute", "inspect_run", "main"]
 
@@ -166,7 +167,22 @@ def _load_data(cfg: RunConfig, progress: bool) -> Any:
             raise ConfigError(f"data.{key}: {n} is more than the {have} samples of {d.name}")
     if d.n_train is not None or d.n_test is not None:
         data = data.subset(d.n_train, d.n_test)
+    if d.n_val >= len(data.train_y):
+        raise ConfigError(
+            f"data.n_val: {d.n_val} leaves no training samples (the training set has "
+            f"{len(data.train_y)}); use fewer"
+        )
     return data
+
+
+def _splits(cfg: RunConfig, data: Any) -> tuple[Any, Any]:
+    """(training data, evaluation data during training): with ``data.n_val`` the last
+    ``n_val`` training samples are the evaluation set; otherwise the test set."""
+    n = cfg.data.n_val
+    if not n:
+        return data, None
+    x, y = data.train_x, data.train_y
+    return (x[:-n], y[:-n]), (x[-n:], y[-n:])
 
 
 def execute(
@@ -209,15 +225,12 @@ def execute(
     set_seed(model, cfg.seed)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     callbacks = _sparsity_callbacks(cfg)
+    train_data, eval_data = _splits(cfg, data)
     if cfg.growth is not None:
-        g = cfg.growth
-        callbacks.append(
-            GrowOnPlateau(
-                growth_targets(g, model), monitor=g.monitor, mode=g.mode, patience=g.patience,
-                threshold=g.threshold, factor=g.factor, max_width=g.max_width, init=g.init,
-                noise=g.noise, max_events=g.max_events, cooldown=g.cooldown,
-            )
-        )  # fmt: skip
+        from .policies import growth_callbacks
+
+        train_pair = train_data if eval_data is not None else (data.train_x, data.train_y)
+        callbacks += growth_callbacks(cfg.growth, model, train_pair)
     if (es := cfg.train.early_stopping) is not None:
         callbacks.append(
             EarlyStopping(es.monitor, patience=es.patience, min_delta=es.min_delta, mode=es.mode)
@@ -232,7 +245,7 @@ def execute(
     torch.set_num_threads(cfg.threads or threads)
     try:
         trainer = Trainer(
-            model, optimizer, data, epochs=t.epochs, max_steps=t.max_steps,
+            model, optimizer, train_data, eval=eval_data, epochs=t.epochs, max_steps=t.max_steps,
             batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, callbacks=callbacks,
             run_dir=run_dir, device=cfg.device, seed=cfg.seed, progress=progress,
             log_every=t.log_every, eval_every_epochs=t.eval_every_epochs,
@@ -240,6 +253,8 @@ def execute(
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - started
+    # with a validation split, the test set is scored once, after training
+    test = trainer.evaluate((data.test_x, data.test_y)) if eval_data is not None else None
     _save_checkpoint(run_dir / "checkpoint", trainer, cfg)
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     evals = [m for m in metrics if "val_loss" in m]
@@ -255,11 +270,13 @@ def execute(
         "params": {
             "start": params_start, "end": count_params(trainer.model),
             "active": report.active_params(trainer.model),
+            "weights": report.active_weights(trainer.model),
         },
         "widths": {"start": widths_start, "end": layer_widths(trainer.model)},
         "density": layer_density(trainer.model),
         "final": evals[-1] if evals else {},
         "best": dict(trainer.best),
+        "test": test,
         "events": event_rows(read_jsonl(run_dir / "events.jsonl"), metrics),
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -370,6 +387,60 @@ def ladder(
         run_ladder(
             cfg, dens, methods or ("static",), seeds=seeds, tolerance=tolerance, run_dir=root,
             command=shlex.join(argv), progress=not no_progress, echo=click.echo,
+        )  # fmt: skip
+    except ConfigError as exc:
+        raise UsageProblem(str(exc)) from None
+    except (DataNotFoundError, DataCorruptError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option(
+    "--methods", default=",".join(RESCUE_METHODS), show_default=True, metavar="M1,M2,...",
+    help="Which of dense, static, set, patches, tournament, widen to run (dense is required).",
+)  # fmt: skip
+@click.option("--density", default=0.01, show_default=True, help="Scaffold density (ERK).")
+@click.option(
+    "--budget", default=0.05, show_default=True,
+    help="Growth cap: active parameters as a fraction of the dense model's.",
+)  # fmt: skip
+@click.option(
+    "--rewire", default="set", show_default=True,
+    help="Rewiring of the growth methods' scaffold: static, set or rigl.",
+)  # fmt: skip
+@click.option("--seeds", default=3, show_default=True, help="Seeds per method (seed, seed+1, ...).")
+@click.option("--jobs", default=1, show_default=True, help="Worker processes (one thread each).")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the result JSON here (e.g. bench/results/rescue.json).",
+)  # fmt: skip
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a config value, e.g. --set train.epochs=5 (repeatable).",
+)  # fmt: skip
+@click.option(
+    "--run-dir", type=click.Path(file_okay=False, path_type=Path),
+    help="Where to write the runs (default: runs/<config stem>-<timestamp>).",
+)  # fmt: skip
+def rescue(
+    config: Path, methods: str, density: float, budget: float, rewire: str, seeds: int,
+    jobs: int, out: Path | None, overrides: tuple[str, ...], run_dir: Path | None,
+) -> None:  # fmt: skip
+    """Cliff rescue: train CONFIG's model as a sub-cliff sparse scaffold with and without
+    growth, against the dense model."""
+    import shlex
+    import sys
+
+    from .rescue import run_rescue
+
+    try:
+        cfg = load_config(config, overrides)
+        root = Path(run_dir if run_dir is not None else str(cfg.run_dir))
+        run_rescue(
+            cfg, [m.strip() for m in methods.split(",") if m.strip()], seeds=seeds,
+            density=density, budget=budget, rewire=rewire, jobs=jobs, run_dir=root, out=out,
+            command=shlex.join(["dynarch", *sys.argv[1:]]), echo=click.echo,
         )  # fmt: skip
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None

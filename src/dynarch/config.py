@@ -63,13 +63,18 @@ class ConfigError(ValueError):
 
 
 class DataConfig(_Section):
-    """``data:``: which dataset and how much of it (``n_train``/``n_test``: first N samples)."""
+    """``data:``: which dataset and how much of it (``n_train``/``n_test``: first N samples).
+
+    ``n_val > 0`` holds out the last ``n_val`` training samples as the evaluation set seen
+    during training (triggers, early stopping); the test set is then scored once, at the end.
+    """
 
     name: str = "mnist1d"
     root: str | None = None
     download: bool = True
     n_train: PosInt | None = None
     n_test: PosInt | None = None
+    n_val: NonNegInt = 0  # >0: last n_val training samples are the eval set; test is scored once
 
     @field_validator("name")
     @classmethod

@@ -265,6 +265,21 @@ def active_params(model: nn.Module) -> int:
     return count_params(model) - sum(t - a for a, t in mask_counts(model).values())
 
 
+def active_weights(model: nn.Module) -> int:
+    """Weights of every Linear/Conv2d of ``model`` that its masks keep (biases, norms and
+    other parameters not counted): the "weights" a sparse network is measured by.
+
+    Example:
+        >>> from dynarch.masks import sparsify
+        >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> _ = sparsify(model, 0.5, distribution="uniform")
+        >>> active_weights(model)
+        12
+    """
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+    return total - sum(t - a for a, t in mask_counts(model).values())
+
+
 def summary_text(s: dict[str, Any]) -> str:
     """The report ``dynarch run`` prints at the end, from its ``summary.json`` dict ``s``.
 
@@ -297,6 +312,11 @@ def summary_text(s: dict[str, Any]) -> str:
         f"final val acc   {_pct(final.get('val_accuracy'))} "
         f"(val loss {final.get('val_loss', float('nan')):.4f}, step {final.get('step', '-')})",
         f"best val acc    {_pct(s['best'].get('val_accuracy'))}",
+        *(
+            [f"test acc        {_pct(s['test'].get('val_accuracy'))} (scored once, at the end)"]
+            if s.get("test")
+            else []
+        ),
         f"trained         {s['steps']} steps in {s['seconds']:.1f} s",
         "",
         _events_table(s["events"]),

@@ -39,9 +39,12 @@ def _graph(model: nn.Module, cache: dict[int, tuple[int, ModelGraph]]) -> ModelG
 
 
 def widen_cost(model: nn.Module, target: str, width: int, graph: ModelGraph | None = None) -> int:
-    """Exact number of parameters :func:`dynarch.widen` adds when ``target`` gets ``width``
+    """Number of parameters :func:`dynarch.widen` adds when ``target`` gets ``width``
     output units: rows of every coupled producer, the matching input columns of every
-    consumer (blocks after a Flatten) and the entries of every norm over those units.
+    consumer (blocks after a Flatten) and the entries of every norm over those units. Exact
+    for dense layers; in a masked layer (``weight_mask``) the new weights are priced at the
+    layer's current density (the active share widened mask rows/columns carry on average),
+    the currency of a :class:`~dynarch.triggers.Budget` that counts active parameters.
 
     Example:
         >>> from dynarch.models import mlp
@@ -72,7 +75,11 @@ def widen_cost(model: nn.Module, target: str, width: int, graph: ModelGraph | No
         rows = shape[0] + (extra if "out" in role else 0)
         block = shape[1] // old if "flat" in role else 1
         cols = shape[1] + (extra * block if role & {"in", "flat"} else 0)
-        total += (rows * cols - shape[0] * shape[1]) * per
+        added = (rows * cols - shape[0] * shape[1]) * per
+        mask = layer._buffers.get("weight_mask")
+        if mask is not None:  # new rows/columns carry mask entries at the layer's density
+            added = math.ceil(added * int(mask.sum()) / mask.numel())
+        total += added
         if layer.bias is not None and "out" in role:
             total += extra
     for name in group.norms:

@@ -17,6 +17,7 @@ configs can name them (:func:`make_trigger`); adding a trigger is one class with
   held-out data fell below a threshold (a prune candidate).
 - :class:`CreditEconomy` (``"credit_economy"``): credits earned per correct prediction, spent
   per added connection/unit; fires when one connection is affordable.
+- :class:`Every` (``"every"``): every ``n``-th update (a fixed schedule as a trigger).
 - :func:`all_of` / :func:`any_of` (:class:`AllOf` ``"all_of"`` / :class:`AnyOf` ``"any_of"``):
   every child is updated with the same value; fires when all / any fire.
 
@@ -53,6 +54,7 @@ from .budget import Budget
 from .compose import AllOf, AnyOf, Composite, all_of, any_of
 from .contribution import CONTRIBUTION_METRICS, Contribution
 from .credit import CreditEconomy
+from .every import Every
 from .gradients import GradientVarianceSpike
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "Composite",
     "Contribution",
     "CreditEconomy",
+    "Every",
     "GradientVarianceSpike",
     "Plateau",
     "Trigger",
