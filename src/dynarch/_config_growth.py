@@ -51,6 +51,7 @@ _ONLY: dict[str, tuple[str, ...]] = {
     "amount": ("patches",),
     "patch_size": ("patches", "tournament"),
     "candidates": ("tournament",),
+    "cooldown": ("widen", "patches"),
 }
 
 
