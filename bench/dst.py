@@ -59,6 +59,7 @@ class Config:
     epochs: int
     batch_size: int = 128
     lr: float = 0.05
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 0.0
     delta_t: int = 100
@@ -151,9 +152,16 @@ def run_cell(cell: Cell, config: Config) -> dict[str, Any]:
 
     data = _dataset(config.limit_train, config.limit_test)
     model = build_model(cell.seed)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    opt: torch.optim.Optimizer
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(
+            model.parameters(),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
     steps = config.epochs * -(-len(data.train_y) // config.batch_size)
     t_end = max(1, int(config.t_end_fraction * steps))
     callbacks: list[Callback] = []
@@ -332,6 +340,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-train", type=_positive, default=None)
     p.add_argument("--limit-test", type=_positive, default=None)
     p.add_argument("--delta-t", type=_positive, default=100, help="steps between updates")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--lr", type=float, default=None, help="peak lr (sgd 0.05, adam 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--drop-fraction", type=float, default=0.3)
     p.add_argument("--readme", action="store_true", help="print the tables of --out and exit")
     return p.parse_args(argv)
 
@@ -350,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
         import_rigl_scheduler()  # a clear error now rather than in every worker
     config = Config(
         epochs=args.epochs,
+        optimizer=args.optimizer,
+        lr=args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 1e-3),
+        weight_decay=args.weight_decay,
+        drop_fraction=args.drop_fraction,
         delta_t=args.delta_t,
         limit_train=args.limit_train,
         limit_test=args.limit_test,
