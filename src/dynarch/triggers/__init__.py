@@ -22,7 +22,8 @@ configs can name them (:func:`make_trigger`); adding a trigger is one class with
   every child is updated with the same value; fires when all / any fire.
 
 Per-unit activation triggers (``Extrema``: dead/saturated units; ``Utilization``: fraction of
-non-zero activations) live in :mod:`dynarch.activity` and register here by name.
+non-zero activations) live in :mod:`dynarch.activity`, register here by name and are
+importable from here (``from dynarch.triggers import Extrema``).
 
 Triggers that watch the training loop give a Trainer callback: ``GradientVarianceSpike``
 observes gradients after each backward (``spike.callback()``) and ``CreditEconomy`` earns from
@@ -67,9 +68,11 @@ __all__ = [
     "Contribution",
     "CreditEconomy",
     "Every",
+    "Extrema",
     "GradientVarianceSpike",
     "Plateau",
     "Trigger",
+    "Utilization",
     "all_of",
     "any_of",
     "check_mode",
@@ -78,3 +81,14 @@ __all__ = [
     "make_trigger",
     "register_trigger",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``Extrema`` and ``Utilization`` live in :mod:`dynarch.activity` (which builds on this
+    package); they are importable from here too, loaded on first use."""
+    if name in ("Extrema", "Utilization"):
+        from .. import activity
+
+        return getattr(activity, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
