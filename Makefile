@@ -42,6 +42,8 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python bench/core.py
 	$(BIN)/python bench/dst_speed.py --repeats 15 --block 10 --threads 1
 	$(BIN)/python bench/dst.py --jobs 2 --epochs 10 --methods dense,static,set,deep_r,rigl,snfs,rigl_uniform,rigl-torch
+	$(BIN)/python bench/grow_vs_static.py --jobs 2 --select-seeds 1
+	$(BIN)/dynarch rescue src/dynarch/configs/fashion-rescue.yaml --seeds 3 --jobs 2 --out bench/results/rescue.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
