@@ -430,17 +430,20 @@ def rescue(
     """Cliff rescue: train CONFIG's model as a sub-cliff sparse scaffold with and without
     growth, against the dense model."""
     import shlex
-    import sys
 
     from .rescue import run_rescue
 
     try:
         cfg = load_config(config, overrides)
         root = Path(run_dir if run_dir is not None else str(cfg.run_dir))
+        argv = ["dynarch", "rescue", str(config), f"--methods={methods}"]
+        argv += [f"--density={density:g}", f"--budget={budget:g}", f"--rewire={rewire}"]
+        argv += [f"--seeds={seeds}", f"--jobs={jobs}", f"--run-dir={root}"]
+        argv += ([] if out is None else [f"--out={out}"]) + [f"--set={o}" for o in overrides]
         run_rescue(
             cfg, [m.strip() for m in methods.split(",") if m.strip()], seeds=seeds,
             density=density, budget=budget, rewire=rewire, jobs=jobs, run_dir=root, out=out,
-            command=shlex.join(["dynarch", *sys.argv[1:]]), echo=click.echo,
+            command=shlex.join(argv), echo=click.echo,
         )  # fmt: skip
     except ConfigError as exc:
         raise UsageProblem(str(exc)) from None

@@ -209,7 +209,8 @@ class RunConfig(_Section):
     @_model_validator(mode="after")
     def _growth_fits_model(self) -> RunConfig:
         layernorm = isinstance(self.model, MLPConfig) and self.model.layernorm
-        if self.growth and self.growth.init != "random" and layernorm:
+        widen = self.growth is not None and self.growth.policy == "widen"
+        if self.growth and widen and self.growth.init != "random" and layernorm:
             raise ValueError(
                 f"growth.init={self.growth.init!r} cannot keep the function of a layer followed "
                 "by LayerNorm (model.layernorm: true); use growth.init: random or batchnorm"

@@ -97,7 +97,15 @@ class PatchesAction(Action):
         self.budget = budget
 
     def check(self, model: nn.Module) -> None:
-        """Refuse a model without masked hidden layers (patches live in masks)."""
+        """Refuse unknown ``layers`` and a model without masked hidden layers (patches live
+        in masks)."""
+        modules = dict(model.named_modules())
+        for name in self.layers or []:
+            if not isinstance(modules.get(name), nn.Linear | nn.Conv2d):
+                raise ValueError(
+                    f"patches: layers: {name!r} is not a Linear/Conv2d of the model; hidden "
+                    f"layers: {', '.join(hidden_layer_names(model))}"
+                )
         if not self.targets(model):
             raise ValueError(
                 "patches: no masked hidden layer to patch; sparsify the model first "

@@ -91,4 +91,3 @@ def __getattr__(name: str) -> object:
 
         return getattr(activity, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
