@@ -231,7 +231,7 @@ def test_unknown_nested_key_with_suggestion(tmp_path: Path) -> None:
         load_config(path)
     assert str(info.value) == (
         f"{path}: unknown key 'optimizer.lrr' (did you mean 'lr'?); allowed keys in optimizer: "
-        "name, lr, momentum, weight_decay, nesterov, betas, eps"
+        "name, lr, momentum, weight_decay, nesterov, betas, eps, schedule"
     )
     assert _error({"train": {"early_stopping": {"monitr": "val_loss"}}}) == (
         "config: unknown key 'train.early_stopping.monitr' (did you mean 'monitor'?); "

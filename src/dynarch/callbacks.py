@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     from .events import Event
     from .train import Trainer
 
-__all__ = ["HOOKS", "At", "Callback", "EarlyStopping", "GrowOnPlateau", "LambdaCallback"]
+__all__ = [
+    "HOOKS", "At", "Callback", "CosineLR", "EarlyStopping", "GrowOnPlateau", "LambdaCallback",
+]  # fmt: skip
 
 HOOKS = (
     "on_fit_start",
@@ -329,3 +331,54 @@ class GrowOnPlateau(Callback):
         self.trigger.load_state_dict(state["trigger"])
         self.rounds = int(state["rounds"])
         self.cooldown_left = int(state["cooldown_left"])
+
+
+class CosineLR(Callback):
+    """Per-step cosine decay of every param group's learning rate from its value when
+    training starts to ``floor`` × that value at the last step (``trainer.total_steps``).
+
+    The base rates are taken at the first fit start and saved in :meth:`state_dict`, so a
+    resumed run continues the same curve. Parameters that join a group later (growth) follow
+    that group's rate.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from dynarch.train import Trainer
+        >>> m = nn.Linear(2, 2)
+        >>> opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        >>> data = (torch.randn(8, 2), torch.zeros(8, dtype=torch.long))
+        >>> _ = Trainer(m, opt, data, epochs=2, batch_size=4, callbacks=[CosineLR()],
+        ...             progress=False).fit()
+        >>> round(opt.param_groups[0]["lr"], 6)  # step 4 of 4: the end of the curve
+        0.0
+    """
+
+    def __init__(self, floor: float = 0.0) -> None:
+        if isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 <= floor <= 1:
+            raise ValueError(f"CosineLR floor must be a number in [0, 1], got {floor!r}")
+        self.floor = float(floor)
+        self.base: list[float] | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if self.base is None:
+            self.base = [float(g["lr"]) for g in trainer.optimizer.param_groups]
+        if len(self.base) != len(trainer.optimizer.param_groups):
+            raise ValueError(
+                f"CosineLR was started with {len(self.base)} param groups, the optimizer has "
+                f"{len(trainer.optimizer.param_groups)}; use a fresh CosineLR"
+            )
+        self._total = trainer.total_steps
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        assert self.base is not None
+        t = min(trainer.step, self._total) / max(self._total, 1)
+        scale = self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
+        for group, base in zip(trainer.optimizer.param_groups, self.base, strict=True):
+            group["lr"] = base * scale
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": self.base}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state("CosineLR", state, {"base"})
+        self.base = None if state["base"] is None else [float(b) for b in state["base"]]

@@ -31,7 +31,7 @@ import torch
 
 from . import report
 from ._engine import count_params, set_seed
-from .callbacks import Callback, EarlyStopping
+from .callbacks import Callback, CosineLR, EarlyStopping
 from .config import ConfigError, RunConfig, build_optimizer, load_config
 from .data import DataCorruptError, DataNotFoundError
 from .models import build_model, layer_widths
@@ -231,6 +231,8 @@ def execute(
 
         train_pair = train_data if eval_data is not None else (data.train_x, data.train_y)
         callbacks += growth_callbacks(cfg.growth, model, train_pair)
+    if cfg.optimizer.schedule == "cosine":
+        callbacks.append(CosineLR())
     if (es := cfg.train.early_stopping) is not None:
         callbacks.append(
             EarlyStopping(es.monitor, patience=es.patience, min_delta=es.min_delta, mode=es.mode)

@@ -12,7 +12,7 @@ Example:
     Traceback (most recent call last):
     ...
     dynarch.config.ConfigError: config: unknown key 'optimizer.lrr' (did you mean 'lr'?); \
-allowed keys in optimizer: name, lr, momentum, weight_decay, nesterov, betas, eps
+allowed keys in optimizer: name, lr, momentum, weight_decay, nesterov, betas, eps, schedule
 """
 
 from __future__ import annotations
@@ -128,6 +128,7 @@ class OptimizerConfig(_Section):
         default_factory=lambda: [0.9, 0.999]
     )
     eps: PosFloat = 1e-8
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: per-step decay to 0
 
     @_model_validator(mode="after")
     def _coherent(self) -> OptimizerConfig:

@@ -112,7 +112,9 @@ def config_lines(cfg: RunConfig) -> list[str]:
     lines = [
         f"data       {d.name} ({d.n_train or 'all'} train / {d.n_test or 'all'} test samples)",
         f"model      {m.kind}, {shape}, {m.activation}",
-        f"optimizer  {o.name}, lr {o.lr:g}, weight decay {o.weight_decay:g}",
+        f"optimizer  {o.name}, lr {o.lr:g}"
+        + (" (cosine decay per step)" if o.schedule == "cosine" else "")
+        + f", weight decay {o.weight_decay:g}",
         f"train      {t.epochs} epochs, batch {t.batch_size}, seed {cfg.seed}, {cfg.device}"
         + (f", max {t.max_steps} steps" if t.max_steps else ""),
     ]

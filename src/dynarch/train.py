@@ -236,6 +236,12 @@ class Trainer:
             self._finish()
         return self
 
+    @property
+    def total_steps(self) -> int:
+        """Steps this fit runs in all: ``epochs`` × batches per epoch, capped by ``max_steps``."""
+        total = self.epochs * self.batches_per_epoch
+        return total if self.max_steps is None else min(total, self.max_steps)
+
     def _train_step(self, xb: Tensor, yb: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         out = self.model(xb)
@@ -273,9 +279,7 @@ class Trainer:
                 self._files[name] = open(self.run_dir / f"{name}.jsonl", mode)  # noqa: SIM115
             engine_state(self.model).add_listener(self._on_event)
         if self.progress and sys.stderr.isatty():
-            total = self.epochs * self.batches_per_epoch
-            if self.max_steps is not None:
-                total = min(total, self.max_steps)
+            total = self.total_steps
             self._bar = tqdm(total=total, initial=min(self.step, total), dynamic_ncols=True)
 
     def _finish(self) -> None:

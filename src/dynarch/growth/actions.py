@@ -118,8 +118,13 @@ class PatchesAction(Action):
         return [n for n in names if model.get_submodule(n)._buffers.get(MASK) is not None]
 
     def cost(self, model: nn.Module, target: str) -> int:
-        """The most connections a growth adds at ``target``: ``ceil(amount × active)``."""
-        return math.ceil(self.amount * _active(model, target))
+        """The most connections a growth adds at ``target``: ``ceil(amount × active)``, and
+        with a ``budget`` no more than its headroom (so the last growth fills the budget
+        instead of being refused for overshooting it)."""
+        wanted = math.ceil(self.amount * _active(model, target))
+        if self.budget is not None:
+            wanted = min(wanted, max(int(self.budget.headroom(model)["params"]), 0))
+        return wanted
 
     def _inputs(self, trainer: Trainer) -> torch.Tensor:
         x = trainer.train_data[0]
