@@ -30,6 +30,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .._registry import registrar
 from ..events import Event
 from ._checks import check_state
 from .history import created_modules, is_growth
@@ -257,6 +258,9 @@ STRATEGIES: dict[str, type[Strategy]] = {}
 _S = TypeVar("_S", bound=type[Strategy])
 
 
+_register = registrar("strategy", Strategy, STRATEGIES)
+
+
 def register_strategy(name: str) -> Callable[[_S], _S]:
     """Class decorator registering a :class:`Strategy` subclass in :data:`STRATEGIES`.
 
@@ -270,19 +274,7 @@ def register_strategy(name: str) -> Callable[[_S], _S]:
         >>> del STRATEGIES["half"]
     """
 
-    def decorate(cls: _S) -> _S:
-        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-            raise TypeError(f"register_strategy({name!r}) needs a Strategy subclass, got {cls!r}")
-        if name in STRATEGIES:
-            raise ValueError(
-                f"strategy name {name!r} is already registered to {STRATEGIES[name].__name__}; "
-                "choose another name"
-            )
-        cls.name = name
-        STRATEGIES[name] = cls
-        return cls
-
-    return decorate
+    return _register(name)
 
 
 def make_strategy(name: str, **kwargs: Any) -> Strategy:

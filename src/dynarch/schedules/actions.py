@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from torch import nn
 
+from .._registry import registrar
 from ..events import Event
 from ..triggers import check_state
 
@@ -87,6 +88,9 @@ ACTIONS: dict[str, type[Action]] = {}
 _A = TypeVar("_A", bound=type[Action])
 
 
+_register = registrar("action", Action, ACTIONS)
+
+
 def register_action(name: str) -> Callable[[_A], _A]:
     """Class decorator registering an :class:`Action` subclass in :data:`ACTIONS` as ``name``.
 
@@ -100,19 +104,7 @@ def register_action(name: str) -> Callable[[_A], _A]:
         >>> del ACTIONS["noop"]
     """
 
-    def decorate(cls: _A) -> _A:
-        if not (isinstance(cls, type) and issubclass(cls, Action)):
-            raise TypeError(f"register_action({name!r}) needs an Action subclass, got {cls!r}")
-        if name in ACTIONS:
-            raise ValueError(
-                f"action name {name!r} is already registered to {ACTIONS[name].__name__}; "
-                "choose another name"
-            )
-        cls.name = name
-        ACTIONS[name] = cls
-        return cls
-
-    return decorate
+    return _register(name)
 
 
 def make_action(name: str, **kwargs: Any) -> Action:

@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
+from .._registry import registrar
+
 __all__ = [
     "TRIGGERS",
     "Trigger",
@@ -57,6 +59,9 @@ TRIGGERS: dict[str, type[Trigger]] = {}
 _T = TypeVar("_T", bound=type[Trigger])
 
 
+_register = registrar("trigger", Trigger, TRIGGERS)
+
+
 def register_trigger(name: str) -> Callable[[_T], _T]:
     """Class decorator registering a :class:`Trigger` subclass in :data:`TRIGGERS` as ``name``.
 
@@ -70,19 +75,7 @@ def register_trigger(name: str) -> Callable[[_T], _T]:
         >>> del TRIGGERS["always"]
     """
 
-    def decorate(cls: _T) -> _T:
-        if not (isinstance(cls, type) and issubclass(cls, Trigger)):
-            raise TypeError(f"register_trigger({name!r}) needs a Trigger subclass, got {cls!r}")
-        if name in TRIGGERS:
-            raise ValueError(
-                f"trigger name {name!r} is already registered to {TRIGGERS[name].__name__}; "
-                "choose another name"
-            )
-        cls.name = name
-        TRIGGERS[name] = cls
-        return cls
-
-    return decorate
+    return _register(name)
 
 
 def make_trigger(name: str, **kwargs: Any) -> Trigger:
