@@ -4,8 +4,9 @@ Trains the rescue config (``src/dynarch/configs/fashion-rescue.yaml``: LeNet-300
 Fashion-MNIST, scaffold at 1% ERK, budget 5% of the dense parameters) once per variant with
 a seed that the benchmark does not use (100), and records each run's *validation* accuracy
 (the last ``data.n_val`` training images) at the end of training. The variants differ in
-the patches policy's ``amount`` and ``patch_size``, the scaffold's rewiring and the
-learning-rate schedule; dense runs give the reference for each schedule.
+the patches policy's ``amount`` and ``patch_size``, the scaffold's rewiring (algorithm,
+``delta_t``, drop fraction) and the learning-rate schedule; dense runs give the reference
+for each schedule.
 
     python bench/rescue_select.py [--jobs 2] [--out bench/results/rescue_selection.json]
 
@@ -31,16 +32,21 @@ from dynarch.rescue import RescueRun, _execute
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "src/dynarch/configs/fashion-rescue.yaml"
 P = {"policy": "patches", "trigger": "every"}
-# name: (growth section or None for dense, scaffold rewiring or None for dense, lr schedule)
-VARIANTS: dict[str, tuple[dict[str, Any] | None, str | None, str]] = {
-    "dense": (None, None, "constant"),
-    "patches a0.5 p32 set": ({**P, "amount": 0.5}, "set", "constant"),
-    "patches a1.0 p32 set": ({**P, "amount": 1.0}, "set", "constant"),
-    "patches a0.5 p64 set": ({**P, "amount": 0.5, "patch_size": 64}, "set", "constant"),
-    "patches a0.5 p32 static": ({**P, "amount": 0.5}, "static", "constant"),
-    "patches a0.5 p32 rigl": ({**P, "amount": 0.5}, "rigl", "constant"),
-    "dense cosine": (None, None, "cosine"),
-    "patches a0.5 p32 set cosine": ({**P, "amount": 0.5}, "set", "cosine"),
+# name: (growth section or None for dense, scaffold rewiring or None for dense, lr schedule,
+#        overrides of the sparsity section)
+VARIANTS: dict[str, tuple[dict[str, Any] | None, str | None, str, dict[str, Any]]] = {
+    "dense": (None, None, "constant", {}),
+    "patches a0.5 p32 set": ({**P, "amount": 0.5}, "set", "constant", {}),
+    "patches a1.0 p32 set": ({**P, "amount": 1.0}, "set", "constant", {}),
+    "patches a0.5 p64 set": ({**P, "amount": 0.5, "patch_size": 64}, "set", "constant", {}),
+    "patches a0.5 p32 static": ({**P, "amount": 0.5}, "static", "constant", {}),
+    "patches a0.5 p32 rigl": ({**P, "amount": 0.5}, "rigl", "constant", {}),
+    "dense cosine": (None, None, "cosine", {}),
+    "patches a0.5 p32 set cosine": ({**P, "amount": 0.5}, "set", "cosine", {}),
+    "patches a0.5 p32 set dt50": ({**P, "amount": 0.5}, "set", "constant", {"delta_t": 50}),
+    "patches a0.5 p32 set dt200": ({**P, "amount": 0.5}, "set", "constant", {"delta_t": 200}),
+    "patches a0.5 p32 set df0.1": ({**P, "amount": 0.5}, "set", "constant", {"drop_fraction": 0.1}),
+    "patches a0.25 p32 set": ({**P, "amount": 0.25}, "set", "constant", {}),
 }
 SEED = 100
 
@@ -49,9 +55,10 @@ def _row(item: tuple[str, RescueRun]) -> dict[str, Any]:
     name, run = item
     row = _execute(run)
     summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
-    growth, rewire, schedule = VARIANTS[name]
+    growth, rewire, schedule, sparsity = VARIANTS[name]
     return {
         "variant": name, "growth": growth, "rewire": rewire, "schedule": schedule,
+        "sparsity": sparsity,
         "val_accuracy": summary["final"]["val_accuracy"],
         "best_val_accuracy": summary["best"].get("val_accuracy"),
         "weights": row["weights"], "seconds": row["seconds"],
@@ -71,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(CONFIG, overrides).model_dump(mode="json")
     tmp = Path(tempfile.mkdtemp(prefix="rescue-select-"))
     items = []
-    for i, (name, (growth, rewire, schedule)) in enumerate(VARIANTS.items()):
+    for i, (name, (growth, rewire, schedule, sparsity)) in enumerate(VARIANTS.items()):
         run = {**base, "seed": SEED, "run_dir": str(tmp / f"v{i}")}
         run["optimizer"] = {**base["optimizer"], "schedule": schedule}
         run["growth"] = None if growth is None else {**growth, "max_params": 0.05}
         run["sparsity"] = None if rewire is None else {
-            **base["sparsity"], "density": 0.01, "algorithm": rewire, "snapshots": 0,
+            **base["sparsity"], "density": 0.01, "algorithm": rewire, "snapshots": 0, **sparsity,
         }  # fmt: skip
         items.append((name, RescueRun(name, SEED, name, validate_config(run, source=name))))
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
