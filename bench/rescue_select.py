@@ -5,8 +5,9 @@ Fashion-MNIST, scaffold at 1% ERK, budget 5% of the dense parameters) once per v
 a seed that the benchmark does not use (100), and records each run's *validation* accuracy
 (the last ``data.n_val`` training images) at the end of training. The variants differ in
 the patches policy's ``amount`` and ``patch_size``, the scaffold's rewiring (algorithm,
-``delta_t``, drop fraction) and the learning-rate schedule; dense runs give the reference
-for each schedule.
+``delta_t``, drop fraction; 100 and 0.3 unless a variant says otherwise, whatever the
+config says) and the learning-rate schedule; dense runs give the reference for each
+schedule. The config's ``delta_t: 50`` is this selection's outcome.
 
     python bench/rescue_select.py [--jobs 2] [--out bench/results/rescue_selection.json]
 
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         run["optimizer"] = {**base["optimizer"], "schedule": schedule}
         run["growth"] = None if growth is None else {**growth, "max_params": 0.05}
         run["sparsity"] = None if rewire is None else {
-            **base["sparsity"], "density": 0.01, "algorithm": rewire, "snapshots": 0, **sparsity,
+            **base["sparsity"], "density": 0.01, "algorithm": rewire, "snapshots": 0,
+            "delta_t": 100, "drop_fraction": 0.3, **sparsity,
         }  # fmt: skip
         items.append((name, RescueRun(name, SEED, name, validate_config(run, source=name))))
     with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
