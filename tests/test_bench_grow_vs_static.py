@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import gromo_peer  # noqa: E402
+import grow_report  # noqa: E402
 import grow_vs_static as gvs  # noqa: E402
 
 PEER = gromo_peer.peer_available()
@@ -35,6 +36,7 @@ def _weights(h1: int, h2: int) -> int:
 
 def test_docstring_examples_run() -> None:
     assert doctest.testmod(gvs).failed == 0
+    assert doctest.testmod(grow_report).failed == 0
 
 
 @needs_gromo
