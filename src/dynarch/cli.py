@@ -303,6 +303,23 @@ def _save_checkpoint(path: Path, trainer: Any, cfg: RunConfig) -> None:
 # --------------------------------------------------------------------------------- click
 
 
+_overrides = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config value, e.g. --set train.epochs=5 (repeatable).",
+)
+
+
+def _run_dir(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The ``--run-dir`` option of a command that writes ``what``."""
+    return click.option(
+        "--run-dir", type=click.Path(file_okay=False, path_type=Path),
+        help=f"Where to write the {what} (default: runs/<config stem>-<timestamp>).",
+    )  # fmt: skip
+
+
 @click.group("dynarch", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version("dynarch"), prog_name="dynarch")
 def main() -> None:
@@ -311,14 +328,8 @@ def main() -> None:
 
 @main.command()
 @click.argument("config", type=click.Path(path_type=Path))
-@click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
-    help="Override a config value, e.g. --set optimizer.lr=0.01 (repeatable).",
-)  # fmt: skip
-@click.option(
-    "--run-dir", type=click.Path(file_okay=False, path_type=Path),
-    help="Where to write the run (default: runs/<config stem>-<timestamp>).",
-)  # fmt: skip
+@_overrides
+@_run_dir("run")
 @click.option("--no-progress", is_flag=True, help="Do not show a progress bar.")
 def run(config: Path, overrides: tuple[str, ...], run_dir: Path | None, no_progress: bool) -> None:
     """Train the experiment described by the YAML file CONFIG."""
@@ -360,14 +371,8 @@ def inspect(run_dir: Path) -> None:
     "--tolerance", default=1.0, show_default=True,
     help="The cliff: the lowest density within this many accuracy points of dense.",
 )  # fmt: skip
-@click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
-    help="Override a config value, e.g. --set train.epochs=5 (repeatable).",
-)  # fmt: skip
-@click.option(
-    "--run-dir", type=click.Path(file_okay=False, path_type=Path),
-    help="Where to write the ladder (default: runs/<config stem>-<timestamp>).",
-)  # fmt: skip
+@_overrides
+@_run_dir("ladder")
 @click.option("--no-progress", is_flag=True, help="Do not show progress bars.")
 def ladder(
     config: Path, densities: str, methods: tuple[str, ...], seeds: int, tolerance: float,
@@ -417,14 +422,8 @@ def ladder(
     "--out", type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the result JSON here (e.g. bench/results/rescue.json).",
 )  # fmt: skip
-@click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
-    help="Override a config value, e.g. --set train.epochs=5 (repeatable).",
-)  # fmt: skip
-@click.option(
-    "--run-dir", type=click.Path(file_okay=False, path_type=Path),
-    help="Where to write the runs (default: runs/<config stem>-<timestamp>).",
-)  # fmt: skip
+@_overrides
+@_run_dir("runs")
 def rescue(
     config: Path, methods: str, density: float, budget: float, rewire: str, seeds: int,
     jobs: int, out: Path | None, overrides: tuple[str, ...], run_dir: Path | None,
