@@ -1,7 +1,7 @@
 """Sparsity ladder: one architecture trained at a series of densities, to find the cliff.
 
 :func:`run_ladder` trains the config once per density, method and seed through
-:func:`dynarch.cli.execute` (the :class:`~dynarch.train.Trainer`, same data, epochs,
+:func:`dynarch.runner.execute` (the :class:`~dynarch.train.Trainer`, same data, epochs,
 optimizer and seed for every rung; density 1 is the dense model, without masks, trained once
 per seed and shared by all methods). ``static`` masks come from :func:`dynarch.masks.sparsify`;
 any other method is a rewirer of :func:`dynarch.sparse.make_rewirer` (``sparsity.algorithm``).
@@ -358,7 +358,7 @@ def run_ladder(
         >>> sorted(ladder["cliff"]), [r["name"] for r in ladder["runs"]]
         (['static'], ['dense-s0', 'static-d0.5-s0'])
     """
-    from .cli import execute
+    from .runner import execute
 
     densities = parse_densities(list(densities))
     _check_tolerance(tolerance)

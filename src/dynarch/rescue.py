@@ -138,7 +138,7 @@ def _execute(run: RescueRun) -> dict[str, Any]:
     """Train one run in this (worker) process; its result row."""
     import torch
 
-    from .cli import execute
+    from .runner import execute
 
     torch.set_num_threads(1)
     summary = execute(run.config, progress=False, echo=lambda s: None, plots=False)
