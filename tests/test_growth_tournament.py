@@ -297,3 +297,31 @@ def test_monitor_layer_and_probe_estimator() -> None:
     assert [c.name for c in t.last] == ["widen:fc1", "widen:fc2"]
     assert all(isinstance(c.delta_mi, float) for c in t.last)
     assert t.baseline_mi() == t.baseline_mi()  # deterministic look-ahead
+
+
+def test_cnn_skip_across_pooling_is_rejected_not_fatal() -> None:
+    """A skip between feature maps of different sizes builds but cannot run: the trial forward
+    rejects it (with the reason) and the round goes on with the other candidates."""
+    from dynarch.models import cnn
+
+    torch.manual_seed(0)
+    model = cnn(1, 3, channels=[4, 6, 8], hidden=8, input_size=16)
+    x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 3, (32,))
+    t = Tournament(model, data=(x, y), candidates=("skip", "widen"), seed=0, probe_steps=2)
+    names = [c.name for c in t.propose()]
+    reasons = dict(t.rejected)
+    assert any(n.startswith("widen:") for n in names)
+    assert "spatial size" in reasons["skip:act1->conv3"]  # 16x16 maps into 4x4 ones
+    assert reasons["skip:act1->conv3"].startswith("RuntimeError: ")
+    assert t.run() is not None  # a round completes with the runnable candidates
+
+
+def test_data_follows_the_model_device() -> None:
+    model = mlp(6, [8], 3)
+    t = Tournament(model, data=(torch.randn(16, 6), torch.randint(0, 3, (16,))), seed=0)
+    held = t.held_out
+    t._to_model_device()
+    assert t.held_out is held  # already on the model's device: nothing copied
+    model.to("meta")  # a device other than the data's (CUDA in real use)
+    t._to_model_device()
+    assert {a.device.type for a in (*t.held_out, *t.probe_data)} == {"meta"}

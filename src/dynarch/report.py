@@ -122,18 +122,37 @@ def config_lines(cfg: RunConfig) -> list[str]:
         es = t.early_stopping
         lines.append(f"stopping   early on {es.monitor}, patience {es.patience}")
     if cfg.growth:
-        g = cfg.growth
-        lines.append(
-            f"growth     widen {g.targets} x{g.factor:g} ({g.init}, noise {g.noise:g}) on a "
-            f"{g.monitor} plateau (patience {g.patience}, threshold {g.threshold:g}), "
-            f"max width {g.max_width or '-'}, max events {g.max_events or '-'}"
-        )
+        lines.append("growth     " + _growth_line(cfg.growth))
     if (sp := cfg.sparsity) is not None:
         how = "static" if sp.algorithm == "static" else (
             f"{sp.algorithm} every {sp.delta_t} steps, drop fraction {sp.drop_fraction:g}"
         )  # fmt: skip
         lines.append(f"sparsity   density {sp.density:g} ({sp.distribution}), {how}")
     return lines
+
+
+def _growth_line(g: Any) -> str:
+    """What ``growth:`` does, in words: policy, trigger, budget.
+
+    Example:
+        >>> from dynarch.config import GrowthConfig
+        >>> _growth_line(GrowthConfig(policy="patches", trigger="every", max_params=0.05))
+        'patches (amount 0.5, patch size 32) every 1 evaluation(s), max params 0.05, max events -'
+    """
+    extra = ""
+    if g.policy == "widen":
+        what = f"widen {g.targets} x{g.factor:g} ({g.init}, noise {g.noise:g})"
+        extra = f", max width {g.max_width or '-'}"
+    elif g.policy == "patches":
+        what = f"patches (amount {g.amount:g}, patch size {g.patch_size})"
+    else:
+        what = f"tournament of {', '.join(g.candidates)}"
+    if g.trigger == "plateau":
+        when = f"on a {g.monitor} plateau (patience {g.patience}, threshold {g.threshold:g})"
+    else:
+        when = f"every {g.every} evaluation(s)"
+    cap = "" if g.max_params is None else f", max params {g.max_params:g}"
+    return f"{what} {when}{extra}{cap}, max events {g.max_events or '-'}"
 
 
 def event_rows(events: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -195,6 +195,7 @@ class Tournament:
         """The candidates for the model's current structure, each measured on a trial copy
         (``params``, ``connections``, ``units``); failing or empty ones go to ``rejected``.
         Fixes the round's probe seed (drawn from the engine generator when ``seed`` is None)."""
+        self._to_model_device()
         if self.seed is not None:
             self._round_seed = self.seed
         else:
@@ -221,7 +222,8 @@ class Tournament:
         for c in out:
             try:
                 net, c.units = self._trial(c)
-            except (ValueError, TypeError, KeyError, NotImplementedError) as exc:
+                self._runs(net)
+            except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError) as exc:
                 self.rejected.append((c.name, f"{type(exc).__name__}: {exc}"))
                 continue
             after = active_params(net)
@@ -231,6 +233,26 @@ class Tournament:
             else:
                 kept.append(c)
         return kept
+
+    def _to_model_device(self) -> None:
+        """Keep the held-out and probe batches on the device of the model (a trainer may
+        have moved it to CUDA after the tournament was built)."""
+        p = next(self.model.parameters(), None)
+        if p is not None and self.held_out[0].device != p.device:
+            self.held_out = (self.held_out[0].to(p.device), self.held_out[1].to(p.device))
+            self.probe_data = (self.probe_data[0].to(p.device), self.probe_data[1].to(p.device))
+
+    def _runs(self, net: nn.Module) -> None:
+        """Forward two held-out samples through a trial copy (eval mode, no grad): a candidate
+        that builds but cannot run (e.g. a skip between feature maps of different sizes)
+        raises here and is rejected instead of failing the round."""
+        mode = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                net(self.held_out[0][:2])
+        finally:
+            net.train(mode)
 
     def _trial(self, c: Candidate) -> tuple[nn.Module, int]:
         """A scratch copy with ``c`` applied, and the number of units it added (``widen``: the
@@ -251,6 +273,7 @@ class Tournament:
 
     def baseline_mi(self) -> float:
         """MI (bits) of an unchanged copy of the model after the probe steps."""
+        self._to_model_device()
         return self._probe(scratch_copy(self.model))
 
     def score(self, candidate: Candidate, baseline: float | None = None) -> float:
