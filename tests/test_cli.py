@@ -107,7 +107,7 @@ def test_growth_run_records_and_reports_events(grown_run: tuple[Path, Result]) -
     assert result.exit_code == 0, result.output
     events = _jsonl(run_dir / "events.jsonl")
     assert [(e["op"], e["target"], e["reason"]) for e in events] == [
-        ("widen", "fc1", "plateau"), ("widen", "fc2", "plateau"),
+        ("widen", "fc1", "plateau(val_loss)"), ("widen", "fc2", "plateau(val_loss)"),
     ]  # fmt: skip
     assert [(e["details"]["old_width"], e["details"]["new_width"]) for e in events] == [
         (16, 24), (12, 18),
@@ -129,7 +129,7 @@ def test_growth_run_records_and_reports_events(grown_run: tuple[Path, Result]) -
     p0, p1 = events[0]["params_before"], events[0]["params_after"]
     line = next(ln for ln in result.output.splitlines() if "16->24" in ln)
     assert line.split() == [
-        "16", "widen", "fc1", "16->24", "plateau", str(p0), "->", str(p1), before, after,
+        "16", "widen", "fc1", "16->24", "plateau(val_loss)", str(p0), "->", str(p1), before, after,
     ]  # fmt: skip
     assert len(load(run_dir / "checkpoint").model[1].weight) == 24
 
@@ -151,7 +151,8 @@ def test_inspect_shows_widths_events_and_metrics(grown_run: tuple[Path, Result])
     ) in out
     rows = [r for r in map(str.split, out.splitlines()) if r[:1] == ["16"]]
     assert [r[:5] for r in rows] == [
-        ["16", "widen", "fc1", "16->24", "plateau"], ["16", "widen", "fc2", "12->18", "plateau"],
+        ["16", "widen", "fc1", "16->24", "plateau(val_loss)"],
+        ["16", "widen", "fc2", "12->18", "plateau(val_loss)"],
     ]  # fmt: skip
 
 

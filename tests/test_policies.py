@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from dynarch._engine import count_params, engine_state, set_seed
-from dynarch.callbacks import Callback, GrowOnPlateau
+from dynarch.callbacks import Callback
 from dynarch.cli import SparsifyAtStart, execute
 from dynarch.config import ConfigError, GrowthConfig, validate_config
 from dynarch.events import Event
@@ -70,15 +70,18 @@ def _fit(model: nn.Module, callbacks: list[Callback], epochs: int) -> Trainer:
 # ------------------------------------------------------------------ callbacks per policy
 
 
-def test_widen_on_plateau_without_budget_is_grow_on_plateau() -> None:
+def test_widen_on_plateau_without_budget_is_grow_as_needed_without_budget() -> None:
     cfg = GrowthConfig(patience=3, threshold=0.1, factor=2.0, max_width=40, init="zero",
                        noise=0.5, max_events=2, cooldown=1, monitor="val_accuracy")  # fmt: skip
     (cb,) = growth_callbacks(cfg, _model([8, 8]), (X, Y))
-    assert type(cb) is GrowOnPlateau
-    assert (cb.targets, cb.monitor, cb.factor, cb.max_width, cb.init, cb.noise) == (
-        ["fc1", "fc2"], "val_accuracy", 2.0, 40, "zero", 0.5,
+    assert type(cb) is GrowAsNeeded and cb.budget is None
+    act = cb.action
+    assert isinstance(act, WidenAction)
+    assert (act.layers, act.factor, act.max_width, act.init, act.noise) == (
+        ["fc1", "fc2"], 2.0, 40, "zero", 0.5,
     )  # fmt: skip
-    assert (cb.max_events, cb.cooldown) == (2, 1)
+    assert (cb.monitor, cb.max_growths, cb.cooldown) == ("val_accuracy", 2, 1)
+    assert isinstance(cb.trigger, Plateau)
     assert (cb.trigger.patience, cb.trigger.threshold, cb.trigger.mode) == (3, 0.1, "max")
 
 

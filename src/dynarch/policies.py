@@ -4,8 +4,7 @@
 callbacks that grow the model as it asks — one trigger (``plateau`` on ``monitor`` or
 ``every`` N evaluations), one policy, one budget:
 
-* ``widen`` — :class:`~dynarch.callbacks.GrowOnPlateau` (plateau trigger, no budget: the
-  original behaviour) or :class:`~dynarch.schedules.GrowAsNeeded` with a
+* ``widen`` — :class:`~dynarch.schedules.GrowAsNeeded` with a
   :class:`~dynarch.schedules.WidenAction`;
 * ``patches`` — :class:`~dynarch.schedules.GrowAsNeeded` with a
   :class:`~dynarch.growth.actions.PatchesAction`;
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 
 from ._config_growth import GrowthConfig
 from ._engine import count_params, engine_state
-from .callbacks import Callback, GrowOnPlateau
+from .callbacks import Callback
 from .config import ConfigError, growth_targets
 
 __all__ = ["growth_callbacks", "held_out"]
@@ -79,19 +78,10 @@ def growth_callbacks(
     cap = cfg.budget(count_params(model))
     budget = None if cap is None else Budget(max_params=cap)
     if cfg.policy == "widen":
-        targets = growth_targets(cfg, model)
-        if cfg.trigger == "plateau" and budget is None:
-            return [
-                GrowOnPlateau(
-                    targets, monitor=cfg.monitor, mode=cfg.mode, patience=cfg.patience,
-                    threshold=cfg.threshold, factor=cfg.factor, max_width=cfg.max_width,
-                    init=cfg.init, noise=cfg.noise, max_events=cfg.max_events,
-                    cooldown=cfg.cooldown,
-                )
-            ]  # fmt: skip
         action: Any = WidenAction(
-            targets, factor=cfg.factor, init=cfg.init, noise=cfg.noise, max_width=cfg.max_width
-        )
+            growth_targets(cfg, model), factor=cfg.factor, init=cfg.init, noise=cfg.noise,
+            max_width=cfg.max_width,
+        )  # fmt: skip
     elif cfg.policy == "patches":
         action = PatchesAction(cfg.amount, cfg.patch_size, budget=budget)
     else:
