@@ -20,7 +20,8 @@ Example:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,17 @@ __all__ = ["execute", "inspect_run", "main"]
 
 
 # --------------------------------------------------------------------------------- click
+
+
+@contextmanager
+def _cli_errors() -> Iterator[None]:
+    """Config problems exit as usage errors (code 2), missing/damaged data as errors (1)."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise UsageProblem(str(exc)) from None
+    except (DataNotFoundError, DataCorruptError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 _overrides = click.option(
@@ -76,15 +88,11 @@ def main() -> None:
 @click.option("--no-progress", is_flag=True, help="Do not show a progress bar.")
 def run(config: Path, overrides: tuple[str, ...], run_dir: Path | None, no_progress: bool) -> None:
     """Train the experiment described by the YAML file CONFIG."""
-    try:
+    with _cli_errors():
         cfg = load_config(config, overrides)
         if run_dir is not None:
             cfg.run_dir = str(run_dir)
         execute(cfg, progress=not no_progress, echo=click.echo)
-    except ConfigError as exc:
-        raise UsageProblem(str(exc)) from None
-    except (DataNotFoundError, DataCorruptError) as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -126,7 +134,7 @@ def ladder(
 
     from .ladder import parse_densities, run_ladder
 
-    try:
+    with _cli_errors():
         dens = parse_densities(densities)
         cfg = load_config(config, overrides)
         root = Path(run_dir if run_dir is not None else str(cfg.run_dir))
@@ -138,10 +146,6 @@ def ladder(
             cfg, dens, methods or ("static",), seeds=seeds, tolerance=tolerance, run_dir=root,
             command=shlex.join(argv), progress=not no_progress, echo=click.echo,
         )  # fmt: skip
-    except ConfigError as exc:
-        raise UsageProblem(str(exc)) from None
-    except (DataNotFoundError, DataCorruptError) as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -177,7 +181,7 @@ def rescue(
 
     from .rescue import run_rescue
 
-    try:
+    with _cli_errors():
         cfg = load_config(config, overrides)
         root = Path(run_dir if run_dir is not None else str(cfg.run_dir))
         argv = ["dynarch", "rescue", str(config), f"--methods={methods}"]
@@ -189,10 +193,6 @@ def rescue(
             density=density, budget=budget, rewire=rewire, jobs=jobs, run_dir=root, out=out,
             command=shlex.join(argv), echo=click.echo,
         )  # fmt: skip
-    except ConfigError as exc:
-        raise UsageProblem(str(exc)) from None
-    except (DataNotFoundError, DataCorruptError) as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":
