@@ -20,7 +20,7 @@ from models import (
     variants,
 )
 
-OUTPUT = "its output is an output of the model (widening would change the output shape)"
+OUTPUT = "its output is an output of the model (resizing it would change the output shape)"
 
 
 def _groups(model: nn.Module) -> list[tuple[list[str], list[tuple[str, bool]], list[str]]]:

@@ -566,7 +566,7 @@ ERRORS: list[tuple[Factory, Op, type[Exception], str]] = [
     (mlp, lambda m: dynarch.widen(m, "1", 12), TypeError,
      r"^'1' is a ReLU; expected one of: Linear, Conv2d$"),
     (mlp, lambda m: dynarch.widen(m, "4", 12), UnsupportedModelError,
-     r"^cannot widen '4': its output is an output of the model \(widening would change the "
+     r"^cannot widen '4': its output is an output of the model \(resizing it would change the "
      r"output shape\) \(coupled layers: \['4'\]\)$"),
     (CatModel, lambda m: dynarch.widen(m, "fc1", 12), UnsupportedModelError,
      r"^cannot widen 'fc1': 'cat' in CatModel\.forward is not supported on a changed channel"),

@@ -259,7 +259,8 @@ def analyse(model: nn.Module) -> ModelGraph:
             for r in ins:
                 flag(
                     r,
-                    "its output is an output of the model (widening would change the output shape)",
+                    "its output is an output of the model "
+                    "(resizing it would change the output shape)",
                 )
 
     for name, spaces in inputs.items():  # a layer reused on inputs of different spaces

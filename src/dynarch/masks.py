@@ -37,6 +37,7 @@ from ._enforce import (
     masked_modules,
 )
 from ._engine import engine_state, transaction
+from ._validate import check_optimizer
 from .budgets import DISTRIBUTIONS, check_choice, check_density, layer_budgets
 from .events import Event
 from .select import topk_mask
@@ -49,6 +50,7 @@ __all__ = [
     "SCORES",
     "MaskEnforcer",
     "apply_masks",
+    "check_held",
     "check_layers",
     "enforce",
     "get_enforcer",
@@ -189,12 +191,19 @@ def select_layers(
 
 
 def check_layers(chosen: Mapping[str, nn.Module]) -> None:
-    """Refuse lazy weights, weights shared by two layers and malformed masks (clear errors)."""
+    """Refuse lazy weights, computed weights (parametrizations such as weight_norm), weights
+    shared by two layers and malformed masks (clear errors)."""
     owner: dict[int, str] = {}
     for n, m in chosen.items():
         if isinstance(m.weight, nn.parameter.UninitializedParameter):
             raise ValueError(
                 f"layer {n!r} has an uninitialised (lazy) weight; run one forward pass first"
+            )
+        if not isinstance(m._parameters.get("weight"), nn.Parameter):
+            raise ValueError(
+                f"layer {n!r} computes its weight from other parameters (a parametrization "
+                "such as weight_norm or spectral_norm), so a mask cannot be kept on it; "
+                "remove the parametrization or exclude the layer"
             )
         first = owner.setdefault(id(m.weight), n)
         if first != n:
@@ -208,6 +217,31 @@ def check_layers(chosen: Mapping[str, nn.Module]) -> None:
                 f"{tuple(mask.shape)} but its weight has shape {tuple(_weight(m).shape)}; "
                 "a mask must be a torch.bool tensor shaped like the weight"
             )
+
+
+def check_held(
+    optimizer: torch.optim.Optimizer,
+    layers: Mapping[str, nn.Module],
+    *,
+    owner: str,
+    every: bool = False,
+) -> None:
+    """Refuse an ``optimizer`` that does not train the weights of ``layers``: with ``every``
+    when it misses any of them, otherwise only when it holds none (a clear error naming them).
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(2, 2))
+        >>> check_held(torch.optim.SGD(model.parameters(), lr=0.1), {"0": model[0]}, owner="x")
+    """
+    check_optimizer(optimizer)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, m in layers.items() if id(m.weight) not in held]
+    if missing and (every or len(missing) == len(layers)):
+        raise ValueError(
+            f"{owner}: the optimizer does not hold the weights of layers {missing}; build it "
+            "from this model's parameters (torch.optim.SGD(model.parameters(), ...))"
+            + (" or exclude those layers" if every else "")
+        )
 
 
 def _choose(
@@ -254,6 +288,8 @@ def sparsify(
     check_choice("distribution", distribution, DISTRIBUTIONS)
     check_choice("score", score, SCORES)
     layers = select_layers(model, include, exclude)
+    if optimizer is not None:
+        check_held(optimizer, layers, owner="sparsify")
     shapes = {n: tuple(_weight(m).shape) for n, m in layers.items()}
     budgets = layer_budgets(shapes, density, distribution)
     gen = engine_state(model).generator

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .._engine import engine_state, transaction
 from ..events import Event
-from ..masks import MASK, check_layers, zero_masked
+from ..masks import MASK, check_held, check_layers, zero_masked
 from ..masks import select_layers as masks_select_layers
 from ..select import topk_mask
 
@@ -141,6 +141,8 @@ def prune_by_score(
     if not isinstance(scores, Mapping) or not scores:
         raise ValueError("scores must be a non-empty dict {layer name: score tensor}")
     layers = named_layers(model, list(scores))
+    if optimizer is not None:
+        check_held(optimizer, layers, owner=f"{method} pruning")
     keys = _check_scores(layers, scores)
     olds = [layer._buffers.get(MASK) for layer in layers.values()]
     sizes = [layer.weight.numel() for layer in layers.values()]

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .._validate import check_int, check_optimizer
 from ..callbacks import Callback
 from ..events import Event
-from ..masks import MASK, enforce
+from ..masks import MASK, check_held, enforce
 from ..triggers import check_state
 from ._core import SCOPES, check_choice, check_sparsity, select_layers
 from .magnitude import magnitude_prune
@@ -90,7 +90,8 @@ class LotteryTicket(Callback):
             )
         self.rewind = rewind
         self.scope = check_choice("scope", scope, SCOPES)
-        select_layers(model, include, exclude)  # fail now, not after the first round
+        layers = select_layers(model, include, exclude)  # fail now, not after the first round
+        check_held(optimizer, layers, owner="LotteryTicket")
         self.model, self.optimizer = model, optimizer
         self.include, self.exclude = include, exclude
         self.rounds_done = 0

@@ -24,6 +24,7 @@ from torch import nn
 from .._validate import check_int, check_optimizer
 from ..callbacks import Callback
 from ..events import Event
+from ..masks import check_held
 from ..triggers import check_state
 from ._core import SCOPES, check_choice, check_sparsity, select_layers
 from .magnitude import magnitude_prune
@@ -119,7 +120,9 @@ class GradualMagnitudePruning(Callback):
         self.scope = check_choice("scope", scope, SCOPES)
         self.schedule = check_choice("schedule", schedule, SCHEDULES)
         check_optimizer(optimizer, optional=True)
-        select_layers(model, include, exclude)  # fail now, not at the first pruning step
+        layers = select_layers(model, include, exclude)  # fail now, not at the first step
+        if optimizer is not None:
+            check_held(optimizer, layers, owner=type(self).__name__)
         self.model, self.optimizer = model, optimizer
         self.include, self.exclude, self.reason = include, exclude, reason
         self.last_step = -1

@@ -214,7 +214,8 @@ class DeepR(Rewirer):
     engine-generator draws), ``grad`` the dense gradient captured before masking.
 
     ``variant="bellec"`` (Bellec et al. 2018): every connection has a fixed sign (that of its
-    initial weight, random where it is 0 or inactive). After every optimizer step (``delta_t``,
+    initial weight, random where it is 0 or inactive; drawn again the same way for a layer
+    whose shape a structural change altered). After every optimizer step (``delta_t``,
     ``drop_fraction`` and ``anneal`` are ignored; ``t_end`` still ends it) optional ``l1``
     shrinkage (``w -= lr * l1 * sign``) and, with ``noise=True``, Gaussian noise
     ``sqrt(2 * lr * temperature) * N(0, 1)`` are added to active weights; every active
@@ -260,9 +261,17 @@ class DeepR(Rewirer):
         super().__init__(*args, **kwargs)
         self.signs: dict[str, Tensor] = {}
         if variant == "bellec":
-            seed = engine_state(self.model).seed
             for x in self.layers():
-                self.signs[x.name] = _initial_signs(x.weight.detach(), seed, x.name)
+                self._sign(x)
+
+    def _sign(self, x: Layer) -> Tensor:
+        """The fixed signs of ``x``; drawn afresh (:func:`_initial_signs`) for a layer that is
+        new or changed shape (structural surgery: which old positions survived is unknown)."""
+        sign = self.signs.get(x.name)
+        if sign is None or sign.shape != x.weight.shape:
+            seed = engine_state(self.model).seed
+            sign = self.signs[x.name] = _initial_signs(x.weight.detach(), seed, x.name)
+        return sign
 
     def _validate(self) -> None:
         if self.variant == "bellec" and self.regrow_init != "zero":
@@ -310,7 +319,7 @@ class DeepR(Rewirer):
         flips = []
         with torch.no_grad():
             for x in layers:
-                sign, w = self.signs[x.name], x.weight
+                sign, w = self._sign(x), x.weight
                 lr = self._lr(w)
                 if self.noise:
                     noise = torch.randn(w.shape, generator=gen).to(w).mul_(x.mask)

@@ -33,7 +33,16 @@ from .._validate import check_model, check_optimizer
 from ..budgets import DISTRIBUTIONS, check_choice, check_density
 from ..callbacks import Callback
 from ..events import Event
-from ..masks import MASK, enforce, get_enforcer, is_sparse, masked_modules, sparsify
+from ..masks import (
+    MASK,
+    check_held,
+    enforce,
+    get_enforcer,
+    is_sparse,
+    masked_modules,
+    select_layers,
+    sparsify,
+)
 from ..triggers import check_state
 from . import _ops
 from ._grads import GradientBuffer
@@ -69,7 +78,8 @@ class Rewirer(Callback):
     (:func:`dynarch.masks.sparsify`, ``distribution`` per layer) unless it already has masked
     layers (then ``density``/``distribution`` are ignored and those masks are rewired), and
     keeps masked weights and their optimizer state zero (:func:`dynarch.masks.enforce`).
-    ``include``/``exclude`` (fnmatch patterns of module names) choose the layers.
+    ``include``/``exclude`` (fnmatch patterns of module names) choose the layers; ``optimizer``
+    must hold the weight of every chosen layer (exclude frozen ones), else a clear error.
 
     Each update, for every layer with ``a`` active of ``n`` weights:
 
@@ -137,18 +147,27 @@ class Rewirer(Callback):
         self._user_t_end = t_end
         self.model, self.optimizer, self.regrow_init = model, optimizer, regrow_init
         self._validate()
-        if is_sparse(model):
-            enforce(model, optimizer)
-        elif density is None:
+        sparse = is_sparse(model)
+        if not sparse and density is None:
             raise ValueError(
                 f"{type(self).__name__}: the model has no masked layer yet, so density is "
                 "required (the fraction of weights kept, e.g. density=0.1)"
             )
+        # the layers to rewire: the masked ones, or those sparsify is about to mask
+        if sparse:
+            masked = masked_modules(model)
+            chosen = {n: masked[n] for n in self._choose(include, exclude)}
         else:
+            chosen = select_layers(model, include, exclude)
+        check_held(optimizer, chosen, owner=type(self).__name__, every=True)
+        if sparse:
+            enforce(model, optimizer)
+        else:
+            assert density is not None
             sparsify(model, density, distribution=distribution, optimizer=optimizer,
                      score="random", include=include, exclude=exclude,
                      reason=self.name)  # fmt: skip
-        self.layer_names = self._choose(include, exclude)
+        self.layer_names = list(chosen)
         self._step = 0
         self.grads = GradientBuffer()  # captured dense gradients
         self._count_key: tuple[tuple[int, int], ...] = ()
@@ -357,12 +376,7 @@ class Rewirer(Callback):
         if idx is not None and known == key:
             return idx
         flat = layer.mask.reshape(-1)
-        if (
-            idx is not None
-            and known is None  # loaded from a state: check it once
-            and idx.numel() == layer.active
-            and bool(flat.index_select(0, idx.to(flat.device)).all())
-        ):
+        if idx is not None and known is None and _lists_active(idx, flat, layer.active):
             self._active[layer.name], self._active_key[layer.name] = idx, key
             return idx
         idx = _ops.active_indices(layer.mask)
@@ -422,6 +436,18 @@ class Rewirer(Callback):
         self._active = {n: t.clone() for n, t in state["active"].items()}
         self._active_key = dict.fromkeys(self._active)  # verified at first use
         self._load_extra(state["extra"])
+
+
+def _lists_active(idx: Tensor, flat: Tensor, active: int) -> bool:
+    """Whether loaded positions ``idx`` are exactly the True positions of ``flat``, each once
+    (a state saved from another model may hold positions out of range: then False)."""
+    if idx.dtype != torch.long or idx.dim() != 1 or idx.numel() != active:
+        return False
+    idx = idx.to(flat.device)
+    if not bool(((idx >= 0) & (idx < flat.numel())).all()):
+        return False
+    seen = torch.zeros_like(flat).index_fill_(0, idx, True)
+    return torch.equal(seen, flat)
 
 
 def _tensor(value: object) -> Tensor:

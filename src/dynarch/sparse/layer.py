@@ -29,7 +29,7 @@ from torch import Tensor
 from .._engine import engine_state, transaction
 from ..budgets import check_choice, check_density
 from ..events import Event
-from ..masks import CLEAN, MASK, get_enforcer, mark_clean
+from ..masks import CLEAN, MASK, check_held, get_enforcer, mark_clean
 from . import _ops
 
 __all__ = ["DynamicSparseLinear"]
@@ -163,8 +163,13 @@ class DynamicSparseLinear(torch.nn.Linear):
             def grow() -> Tensor | None:
                 return None
 
+        if optimizer is not None:
+            check_held(optimizer, {"this layer": self}, owner="DynamicSparseLinear.rewire")
         states = [] if optimizer is None else _ops.state_tensors(optimizer, self.weight)
+        stale = self.weight._version != self.__dict__.get(CLEAN)  # stepped since last zeroed
         with torch.no_grad(), transaction(self, "rewire", "*", reason=method) as tx:
+            if stale:  # re-zero before mark_clean below vouches for the masked weights
+                self.weight.mul_(mask)
             _ops.rewire_layer(
                 mask, self.weight, _ops.active_indices(mask), (k, k),
                 lambda idx: self.weight.detach().reshape(-1).index_select(0, idx).abs(), grow,
