@@ -352,6 +352,48 @@ def test_sparsity_section() -> None:
     )
 
 
+def test_sparsity_schedule_keys() -> None:
+    sp = validate_config({"sparsity": {"density": 0.1, "algorithm": "set"}}).sparsity
+    assert sp is not None and (sp.t_end, sp.anneal, sp.regrow_init) == (None, "cosine", "zero")
+    keys = {"algorithm": "set", "t_end": 0.75, "anneal": "linear", "regrow_init": "gradient"}
+    sp = validate_config({"sparsity": {"density": 0.1, **keys}}).sparsity
+    assert sp is not None and (sp.t_end, sp.anneal, sp.regrow_init) == (0.75, "linear", "gradient")
+    sp = validate_config({"sparsity": {"density": 0.1, "t_end": 300}}).sparsity
+    assert sp is not None and sp.t_end == 300 and isinstance(sp.t_end, int)
+    for bad in (0, -3, 1.0, 1.5, 2.0, True, "late"):
+        assert _error({"sparsity": {"density": 0.1, "t_end": bad}}) == (
+            f"config: sparsity.t_end: {bad!r} is neither a step count (an int >= 1) nor a "
+            "fraction of the run's optimizer steps (a number in (0, 1), e.g. 0.75)"
+        )
+    assert _error({"sparsity": {"density": 0.1, "anneal": "cos"}}).startswith(
+        "config: sparsity.anneal: 'cos' is not allowed; choose one of 'cosine', 'linear', "
+        "'constant'"
+    )
+
+
+def test_rewire_from_start_resolves_a_fractional_t_end() -> None:
+    from dynarch.runner import RewireFromStart
+    from dynarch.train import Trainer
+
+    torch.manual_seed(0)
+    model = mlp(6, [8], 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = (torch.randn(40, 6), torch.randint(0, 3, (40,)))
+    cb = RewireFromStart("set", 0.5, "uniform", delta_t=2, t_end=0.75, anneal="linear",
+                         regrow_init="random")  # fmt: skip
+    trainer = Trainer(model, opt, data, epochs=2, batch_size=10, callbacks=[cb], progress=False)
+    trainer.fit()
+    rewirer = cb.rewirer
+    assert rewirer is not None and trainer.total_steps == 8
+    assert (rewirer.t_end, rewirer.schedule.anneal, rewirer.regrow_init) == (6, "linear", "random")
+    from dynarch._engine import engine_state
+
+    # updates after steps 2 and 4; none at 6 = t_end (the mask stays fixed from there on)
+    assert [(e.op, e.step) for e in engine_state(model).history] == [
+        ("sparsify", 0), ("rewire", 2), ("rewire", 4),
+    ]  # fmt: skip
+
+
 def test_config_algorithms_are_the_registered_ones() -> None:
     sparse = pytest.importorskip("dynarch.sparse")
     assert set(ALGORITHMS) == set(sparse.ALGORITHMS)

@@ -165,14 +165,41 @@ class SparsityConfig(_Section):
     """``sparsity:``: masks applied when training starts (:func:`dynarch.masks.sparsify`),
     kept (``algorithm: static``) or rewired every ``delta_t`` steps by a dynamic sparse
     training algorithm (:func:`dynarch.sparse.make_rewirer`). ``snapshots``: how many mask
-    heatmaps (first and last step included, so 1 means 2; 0: none) ``<run_dir>/masks`` gets."""
+    heatmaps (first and last step included, so 1 means 2; 0: none) ``<run_dir>/masks`` gets.
+    ``t_end``: the step from which the mask stays fixed, as a step count (an int >= 1) or a
+    fraction of the run's optimizer steps (a number in (0, 1), e.g. 0.75 as in RigL); unset:
+    rewiring goes on until training ends. ``anneal`` (``cosine``, ``linear``, ``constant``)
+    decays ``drop_fraction`` to 0 at ``t_end``; ``regrow_init`` (``zero``, ``random``,
+    ``gradient``) sets the regrown weights (:class:`dynarch.sparse.Rewirer`).
+
+    Example:
+        >>> SparsityConfig(density=0.05, algorithm="set", t_end=0.75).t_end
+        0.75
+    """
 
     density: Annotated[float, Field(gt=0.0, le=1.0)]
     distribution: Literal["uniform", "er", "erk"] = "erk"
     algorithm: Algorithm = "static"
     delta_t: PosInt = 100
     drop_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
+    t_end: int | float | None = None
+    anneal: Literal["cosine", "linear", "constant"] = "cosine"
+    regrow_init: Literal["zero", "random", "gradient"] = "zero"
     snapshots: NonNegInt = 3
+
+    @field_validator("t_end", mode="before")
+    @classmethod
+    def _t_end(cls, value: object) -> int | float | None:
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if isinstance(value, float) and 0.0 < value < 1.0:
+            return value
+        raise ValueError(
+            f"{value!r} is neither a step count (an int >= 1) nor a fraction of the run's "
+            "optimizer steps (a number in (0, 1), e.g. 0.75)"
+        )
 
 
 class RunConfig(_Section):

@@ -53,6 +53,7 @@ class SparsifyAtStart(Callback):
 class RewireFromStart(Callback):
     """Build a rewirer (:func:`dynarch.sparse.make_rewirer`) when training starts and pass it
     every hook; built inside the run, its initial sparsify event lands in events.jsonl.
+    A float ``t_end`` in (0, 1) is a fraction of the trainer's total optimizer steps.
 
     Example:
         >>> cb = RewireFromStart("rigl", 0.1, "erk", delta_t=50)
@@ -74,6 +75,9 @@ class RewireFromStart(Callback):
         if self.rewirer is None:
             from .sparse import make_rewirer
 
+            t_end = self.kwargs.get("t_end")
+            if isinstance(t_end, float):  # a fraction of the run's optimizer steps
+                self.kwargs["t_end"] = max(1, round(t_end * trainer.total_steps))
             self.rewirer = make_rewirer(
                 self.algorithm, trainer.model, trainer.optimizer, density=self.density,
                 distribution=self.distribution, **self.kwargs,
@@ -126,7 +130,8 @@ def _sparsity_callbacks(cfg: RunConfig) -> list[Callback]:
         callbacks.append(
             RewireFromStart(
                 sp.algorithm, sp.density, sp.distribution, delta_t=sp.delta_t,
-                drop_fraction=sp.drop_fraction,
+                drop_fraction=sp.drop_fraction, t_end=sp.t_end, anneal=sp.anneal,
+                regrow_init=sp.regrow_init,
             )
         )  # fmt: skip
     if sp.snapshots:
