@@ -83,7 +83,8 @@ def test_plan_without_a_sparsity_section_uses_its_defaults() -> None:
     assert run.config.sparsity is not None
     assert run.config.sparsity.model_dump() == {
         "density": 0.2, "distribution": "erk", "algorithm": "static", "delta_t": 100,
-        "drop_fraction": 0.3, "snapshots": 0,
+        "drop_fraction": 0.3, "t_end": None, "anneal": "cosine", "regrow_init": "zero",
+        "snapshots": 0,
     }  # fmt: skip
 
 

@@ -18,7 +18,9 @@ The function is unchanged on every input where the dead units output exactly 0 (
 activations: every input where they were inactive, so every observed sample): their old
 outgoing weights only ever multiplied zeros, their new outputs meet zero columns, and the
 highway starts at zero. ``span`` must be at least 2 (``span=1`` would route them back to
-``P1``). Pass ``optimizer`` so the highway's mask is enforced and its weight trains.
+``P1``). Pass ``optimizer`` so the highway's mask is enforced and its weight trains. A layer
+whose units a LayerNorm normalises together is refused: re-pointing some of them would change
+the LayerNorm's mean and variance, hence every unit's output.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -135,6 +137,13 @@ def highways(
     graph = analyse(model)
     plans = {}
     for name in dead:
+        norms = graph.group(name).layernorm_over_channels
+        if norms:
+            raise UnsupportedModelError(
+                f"cannot route the dead units of '{name}' into a highway: LayerNorm '{norms[0]}' "
+                "normalises over its units, so re-pointing them would change every unit's output; "
+                "highways need layers without a LayerNorm over their units"
+            )
         path = chain(graph, name, span)
         width, cols = out_units(get_layer(model, name)), get_layer(model, path[0]).weight.shape[1]
         if cols != width:

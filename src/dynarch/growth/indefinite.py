@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .._validate import check_int, check_model, check_optimizer
 from ..events import Event
+from ._units import get_layer
 from .candidates import Candidate, active_params, scratch_copy, sparsify_inserted
 
 __all__ = ["GrowthRound", "IndefiniteGrowth", "converge", "grow_indefinitely", "sparsify_inserted"]
@@ -113,6 +114,8 @@ class IndefiniteGrowth:
             raise ValueError(f"min_gain must be None or a number, got {min_gain!r}")
         if isinstance(layers, str):
             raise TypeError(f"layers must be a list of layer names, got the string {layers!r}")
+        for name in layers or []:
+            get_layer(model, name)  # a missing or non-Linear/Conv2d layer fails now, not later
         self.train_fn, self.x, self.optimizer = train_fn, data[0], optimizer
         self.threshold, self.density, self.max_rounds = float(threshold), float(density), max_rounds
         self.min_gain, self.max_params = min_gain, max_params
@@ -139,7 +142,12 @@ class IndefiniteGrowth:
 
     def _train(self, rnd: int, layer: str | None, new: str | None, ext: float | None) -> float:
         t0 = time.perf_counter()
-        acc = float(self.train_fn(self.model, self.optimizer))
+        result = self.train_fn(self.model, self.optimizer)
+        if isinstance(result, bool) or not isinstance(result, int | float | Tensor):
+            raise TypeError(
+                f"train_fn must return the validation accuracy (a number), got {result!r}"
+            )
+        acc = float(result)
         params = active_params(self.model)[0]
         self.rows.append(GrowthRound(rnd, layer, new, ext, params, acc, time.perf_counter() - t0))
         return acc

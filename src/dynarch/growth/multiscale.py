@@ -346,6 +346,8 @@ class MultiScale:
         for i, scale in enumerate(self.scales):
             t0 = time.perf_counter()
             model = self._build(scale)
+            if prev is None and len(self.scales) > 1 and self.init != "none":
+                _linears(model, "small")  # an unsupported model fails before any training
             init = "none" if prev is None else self.init
             shapes = ((channels, self.scales[i - 1], self.scales[i - 1]), (channels, scale, scale))
             if prev is not None and init == "hierarchical":

@@ -186,6 +186,13 @@ def _ends(model: nn.Module, graph: ModelGraph | None, source: str, target: str) 
     if graph is not None:
         for name in (source, target):
             calls = len(graph.calls.get(name, []))
+            inner = [n for n in graph.calls if n.startswith(name + ".")]
+            if calls == 0 and inner:
+                raise ValueError(
+                    f"'{name}' ({type(model.get_submodule(name)).__name__}) is not called as one "
+                    f"module in the traced forward: the trace goes inside it (it calls {inner}); "
+                    f"name the module inside it whose output to use, e.g. '{inner[-1]}'"
+                )
             if calls != 1:
                 raise UnsupportedModelError(
                     f"'{name}' is called {calls} times in forward; a skip needs a source and a "

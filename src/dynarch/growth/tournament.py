@@ -11,8 +11,9 @@ Candidates (one per eligible hidden layer and kind):
 * ``"skip"`` — a zero-initialised forward skip from the layer to a later layer that is not
   its direct consumer (:func:`dynarch.growth.skip.add_skip`).
 
-**Score.** Every candidate preserves the function, so its mutual information with the labels
-right after it is applied equals the model's: ΔMI would be 0. The tournament therefore looks
+**Score.** Every candidate preserves the function (a widen up to its symmetry-breaking
+``widen_noise``; pass ``widen_noise=0`` for an exact copy), so its mutual information with the
+labels right after it is applied equals the model's: ΔMI would be 0. The tournament therefore looks
 ahead: the model is deep-copied (engine listeners left out, the engine generator continued
 from the model's state), the candidate is applied to the copy and the copy is trained for
 ``probe_steps`` full-batch SGD steps on the probe batch; an unchanged copy gets the same
@@ -68,6 +69,14 @@ def _pair(data: object, role: str) -> tuple[Tensor, Tensor]:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor) or x.shape[:1] != y.shape[:1]:
         raise ValueError(f"{role} must be tensors x, y with the same first dimension")
     return x, y
+
+
+def _labels(y: Tensor, role: str) -> None:
+    if y.dim() != 1 or y.dtype.is_floating_point or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(
+            f"{role}: y must be a 1-D tensor of integer class indices (mutual information is "
+            f"measured against class labels), got dtype {y.dtype} and shape {tuple(y.shape)}"
+        )
 
 
 def _fraction(name: str, value: object) -> None:
@@ -142,6 +151,8 @@ class Tournament:
             half = x.shape[0] // 2
             probe_data, data = (x[:half], y[:half]), (x[half:], y[half:])
         self.held_out, self.probe_data = _pair(data, "data"), _pair(probe_data, "probe_data")
+        _labels(y, "data")
+        _labels(self.probe_data[1], "probe_data")
         for arg, value, low in (("probe_steps", probe_steps, 0), ("patch_units", patch_units, 1),
                                 ("bins", bins, 2)):  # fmt: skip
             check_int(arg, value, low)

@@ -30,6 +30,7 @@ from torch import nn
 from .._registry import registrar
 from ..events import Event
 from ..triggers import check_state
+from ..triggers.base import check_kwargs
 
 if TYPE_CHECKING:
     from ..train import Trainer
@@ -116,6 +117,7 @@ def make_action(name: str, **kwargs: Any) -> Action:
     """
     if name not in ACTIONS:
         raise ValueError(f"unknown action {name!r}; registered actions: {sorted(ACTIONS)}")
+    check_kwargs(f"action {name!r}", ACTIONS[name], kwargs)
     return ACTIONS[name](**kwargs)
 
 

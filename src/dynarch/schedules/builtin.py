@@ -15,7 +15,7 @@ from torch import nn
 
 from .._engine import engine_state
 from ..events import Event
-from ..graph import ModelGraph, analyse, resolve
+from ..graph import ModelGraph, UnsupportedModelError, analyse, resolve
 from ..models import hidden_layer_names
 from ..remap import out_units
 from .actions import Action, register_action
@@ -95,8 +95,13 @@ class WidenAction(Action):
 
     Each target grows by ``amount`` units, or to ``max(width + 1, ceil(width * factor))``
     (default ``factor=1.5``), capped at ``max_width`` (a layer already there is not a
-    target). ``layers=None`` widens where the trigger points (its ``where()``) or else every
-    hidden layer. ``init``/``noise`` are passed to :func:`dynarch.widen`.
+    target). ``layers=None`` widens where the trigger points (its ``where()``: only the
+    layers there that can be widened, e.g. not the output layer) or else every hidden layer
+    that can be widened. Coupled layers (a residual add) widen together, so a group is
+    widened once even when several of its layers are named. Named ``layers`` that cannot
+    be widened (the model's output layer; a LayerNorm over their units unless
+    ``init="random"``) are refused by :meth:`check`, before training. ``init``/``noise``
+    are passed to :func:`dynarch.widen`.
 
     Example:
         >>> from dynarch.models import mlp
@@ -160,9 +165,42 @@ class WidenAction(Action):
         self._cache: dict[int, tuple[int, ModelGraph]] = {}
 
     def check(self, model: nn.Module) -> None:
-        """Every named layer is a Linear/Conv2d of ``model``."""
+        """Every named layer is a Linear/Conv2d of ``model`` that can be widened (without
+        ``layers``: some hidden layer can be)."""
         for name in self.layers or []:
             resolve(model, name, _LAYERS)
+        if self.layers is None and not self._widenable(model, hidden_layer_names(model)):
+            raise ValueError(
+                f"widen: no hidden layer of the model can be widened with init={self.init!r} "
+                f"(hidden layers: {hidden_layer_names(model)}); name layers= or use "
+                "init='random' when a LayerNorm follows them"
+            )
+        graph = _graph(model, self._cache)
+        for name in self.layers or []:
+            why = self._blocker(graph, name)
+            if why is not None:
+                raise UnsupportedModelError(f"widen: cannot widen '{name}': {why}")
+
+    def _blocker(self, graph: ModelGraph, name: str) -> str | None:
+        """Why layer ``name`` cannot be widened with this action's ``init`` (None: it can)."""
+        group = graph.group(name)
+        if group.problems:
+            return "; ".join(group.problems) + f" (coupled layers: {group.producers})"
+        if group.layernorm_over_channels and self.init != "random":
+            return (
+                f"LayerNorm '{group.layernorm_over_channels[0]}' normalises over its units, so "
+                f"init={self.init!r} cannot preserve the function; use init='random'"
+            )
+        return None
+
+    def _widenable(self, model: nn.Module, names: Sequence[str]) -> list[str]:
+        """The Linear/Conv2d layers among ``names`` that can be widened now."""
+        modules = dict(model.named_modules())
+        layers = [n for n in names if isinstance(modules.get(n), _LAYERS)]
+        if not layers:
+            return []
+        graph = _graph(model, self._cache)
+        return [n for n in layers if n in graph.group_of and self._blocker(graph, n) is None]
 
     def new_width(self, model: nn.Module, target: str) -> int:
         """The width ``target`` would get now."""
@@ -175,9 +213,21 @@ class WidenAction(Action):
         return new if self.max_width is None else min(new, self.max_width)
 
     def targets(self, model: nn.Module, hint: Sequence[str] | None = None) -> list[str]:
-        """The layers to widen now (those below ``max_width``)."""
-        names = self.layers or list(hint or []) or hidden_layer_names(model)
-        return [n for n in names if self.new_width(model, n) > out_units(model.get_submodule(n))]
+        """The layers to widen now (those below ``max_width``, one per coupled group)."""
+        if self.layers is not None:
+            names = list(self.layers)
+        else:
+            names = self._widenable(model, list(dict.fromkeys(hint or [])))
+            names = names or self._widenable(model, hidden_layer_names(model))
+        chosen: list[str] = []
+        covered: set[str] = set()
+        for name in names:
+            if name in covered:
+                continue
+            if self.new_width(model, name) > out_units(model.get_submodule(name)):
+                chosen.append(name)
+                covered.update(self.places(model, name))
+        return chosen
 
     def places(self, model: nn.Module, target: str) -> list[str]:
         """``target`` and every layer coupled to it (they widen together)."""

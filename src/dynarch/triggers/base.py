@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 from .._registry import registrar
@@ -11,6 +12,7 @@ from .._registry import registrar
 __all__ = [
     "TRIGGERS",
     "Trigger",
+    "check_kwargs",
     "check_mode",
     "check_number",
     "check_state",
@@ -87,7 +89,26 @@ def make_trigger(name: str, **kwargs: Any) -> Trigger:
     """
     if name not in TRIGGERS:
         raise ValueError(f"unknown trigger {name!r}; registered triggers: {sorted(TRIGGERS)}")
+    check_kwargs(f"trigger {name!r}", TRIGGERS[name], kwargs)
     return TRIGGERS[name](**kwargs)
+
+
+def check_kwargs(owner: str, cls: type, kwargs: Mapping[str, Any]) -> None:
+    """Raise a TypeError naming the keyword arguments ``cls(...)`` does not take, and the
+    ones it does (a class taking ``**kwargs`` accepts everything).
+
+    Example:
+        >>> check_kwargs("trigger 'plateau'", TRIGGERS["plateau"], {"patience": 3})
+    """
+    params = list(inspect.signature(cls).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    allowed = [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"{owner} got unknown arguments {unknown}; allowed: {', '.join(allowed) or 'none'}"
+        )
 
 
 def check_mode(mode: str) -> None:

@@ -65,6 +65,10 @@ class Budget(Trigger):
     the model with ``flops`` more multiply-adds stays within ``max_flops``; budgets not
     given are not checked. ``must_prune`` is True when the model is over a budget.
 
+    **The model.** Built with ``model=``, every method may leave the model out:
+    ``budget.can_grow(module)``, ``budget.must_prune()``, ``budget.headroom()``,
+    ``budget.count()`` and ``budget.flops()`` then price that model.
+
     **As a trigger.** ``update(value)`` (``value`` ignored) fires when
     :meth:`must_prune` of the ``model`` given to the constructor; it has no state.
 
@@ -75,6 +79,9 @@ class Budget(Trigger):
         (58, 48, {'params': 42, 'flops': 16})
         >>> budget.can_grow(model, nn.Linear(8, 4)), budget.can_grow(model, 43)
         (True, False)
+        >>> own = Budget(max_params=100, model=model)
+        >>> own.can_grow(nn.Linear(8, 4)), own.must_prune(), own.headroom()
+        (True, False, {'params': 42})
     """
 
     def __init__(
@@ -115,14 +122,25 @@ class Budget(Trigger):
         self.model = None if model is None else check_model(model)
         self._positions: tuple[int, int, dict[str, int]] | None = None
 
-    def count(self, model: nn.Module) -> int:
+    def _model(self, model: nn.Module | None, method: str) -> nn.Module:
+        """``model``, or the constructor's model when it is left out (a clear error if none)."""
+        if model is not None:
+            return check_model(model)
+        if self.model is None:
+            raise ValueError(
+                f"Budget.{method} needs the model to price: pass it (budget.{method}(model, ...)) "
+                "or build the budget with Budget(..., model=model)"
+            )
+        return self.model
+
+    def count(self, model: nn.Module | None = None) -> int:
         """Parameters of ``model`` (masked-off weights excluded unless ``count_masked``).
 
         Example:
             >>> Budget(max_params=10).count(nn.Linear(3, 2))
             8
         """
-        check_model(model)
+        model = self._model(model, "count")
         total = sum(p.numel() for p in model.parameters())
         masked = list(_masked(model).values())
         if self.count_masked or not masked:
@@ -174,14 +192,14 @@ class Budget(Trigger):
         self._positions = (*key, positions)
         return positions
 
-    def flops(self, model: nn.Module) -> int:
+    def flops(self, model: nn.Module | None = None) -> int:
         """Multiply-adds of ``model``'s Linear/Conv2d layers for one sample (see the class doc).
 
         Example:
             >>> Budget(max_flops=10**6, input_shape=(3, 8, 8)).flops(nn.Conv2d(3, 4, 3))
             3888
         """
-        check_model(model)
+        model = self._model(model, "flops")
         if self.input_shape is None:
             raise ValueError(
                 "Budget.flops needs input_shape (the shape of one sample without the batch "
@@ -199,13 +217,14 @@ class Budget(Trigger):
         scale = torch.tensor([positions[n] for n in sparse], device=counts.device)
         return int(dense) + int((counts * scale).sum())  # one sync for all masked layers
 
-    def headroom(self, model: nn.Module) -> dict[str, int]:
+    def headroom(self, model: nn.Module | None = None) -> dict[str, int]:
         """Room left under each given budget (``"params"``, ``"flops"``; negative when over).
 
         Example:
             >>> Budget(max_params=10).headroom(nn.Linear(2, 2))
             {'params': 4}
         """
+        model = self._model(model, "headroom")
         room = {}
         if self.max_params is not None:
             room["params"] = self.max_params - self.count(model)
@@ -213,13 +232,29 @@ class Budget(Trigger):
             room["flops"] = self.max_flops - self.flops(model)
         return room
 
-    def can_grow(self, model: nn.Module, module_or_n: nn.Module | int, *, flops: int = 0) -> bool:
-        """Whether adding ``module_or_n`` (and ``flops`` multiply-adds) stays within budget.
+    def can_grow(
+        self,
+        model: nn.Module | int,
+        module_or_n: nn.Module | int | None = None,
+        *,
+        flops: int = 0,
+    ) -> bool:
+        """Whether adding ``module_or_n`` (and ``flops`` multiply-adds) to ``model`` stays
+        within budget. ``can_grow(module_or_n)`` (one argument) prices the constructor's model.
 
         Example:
             >>> Budget(max_params=12).can_grow(nn.Linear(2, 2), nn.Linear(2, 2))
             True
+            >>> Budget(max_params=12, model=nn.Linear(2, 2)).can_grow(7)
+            False
         """
+        if module_or_n is None:
+            module_or_n, model = model, self._model(None, "can_grow")
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Budget.can_grow(model, module_or_n): model must be a torch.nn.Module, got "
+                f"{type(model).__name__}"
+            )
         if isinstance(module_or_n, nn.Module):
             extra = self.count(module_or_n)
         elif (
@@ -235,13 +270,14 @@ class Budget(Trigger):
         room = self.headroom(model)
         return room.get("params", extra) >= extra and room.get("flops", flops) >= flops
 
-    def must_prune(self, model: nn.Module) -> bool:
+    def must_prune(self, model: nn.Module | None = None) -> bool:
         """Whether ``model`` is over a budget (more parameters or FLOPs than allowed).
 
         Example:
             >>> Budget(max_params=5).must_prune(nn.Linear(2, 2))
             True
         """
+        model = self._model(model, "must_prune")
         return any(room < 0 for room in self.headroom(model).values())
 
     def update(self, value: float | None = None) -> bool:

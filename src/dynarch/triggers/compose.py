@@ -9,6 +9,8 @@ from .base import Trigger, check_state, make_trigger, register_trigger
 
 __all__ = ["AllOf", "AnyOf", "Composite", "all_of", "any_of"]
 
+_Spec = Trigger | Mapping[str, Any]
+
 
 def _build(owner: str, spec: object, i: int) -> Trigger:
     if isinstance(spec, Trigger):
@@ -138,8 +140,16 @@ class AnyOf(Composite):
     fire_on_any = True
 
 
-def all_of(*triggers: Trigger | Mapping[str, Any]) -> AllOf:
-    """A trigger firing when all ``triggers`` fire (every one is always updated).
+def _children(triggers: tuple[Any, ...]) -> list[Any]:
+    """The children given as arguments, or as one list/tuple argument."""
+    if len(triggers) == 1 and isinstance(triggers[0], list | tuple):
+        return list(triggers[0])
+    return list(triggers)
+
+
+def all_of(*triggers: _Spec | Sequence[_Spec]) -> AllOf:
+    """A trigger firing when all ``triggers`` fire (every one is always updated); the
+    triggers are separate arguments or one list.
 
     Example:
         >>> from dynarch.triggers.plateau import Plateau
@@ -147,11 +157,12 @@ def all_of(*triggers: Trigger | Mapping[str, Any]) -> AllOf:
         >>> [t.update(v) for v in (1.0, 2.0, 0.5)]
         [False, False, False]
     """
-    return AllOf(list(triggers))
+    return AllOf(_children(triggers))
 
 
-def any_of(*triggers: Trigger | Mapping[str, Any]) -> AnyOf:
-    """A trigger firing when any of ``triggers`` fires (every one is always updated).
+def any_of(*triggers: _Spec | Sequence[_Spec]) -> AnyOf:
+    """A trigger firing when any of ``triggers`` fires (every one is always updated); the
+    triggers are separate arguments or one list.
 
     Example:
         >>> from dynarch.triggers.plateau import Plateau
@@ -159,4 +170,4 @@ def any_of(*triggers: Trigger | Mapping[str, Any]) -> AnyOf:
         >>> [t.update(v) for v in (1.0, 2.0, 0.5)]
         [False, True, True]
     """
-    return AnyOf(list(triggers))
+    return AnyOf(_children(triggers))

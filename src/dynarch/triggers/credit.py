@@ -55,8 +55,12 @@ class CreditEconomy(Trigger):
     fan-out>`` and ``units=0``; asking for ``units`` then raises. Give ``cost_per_unit`` to
     price units separately (their connections are then not charged unless passed too).
 
-    **As a trigger.** ``update(value)`` earns ``value`` (a number correct, or ``None`` for
-    nothing) and answers whether the cheapest purchase, one connection, is affordable.
+    **As a trigger.** ``update(value)`` earns ``value`` (a number correct: an int or a
+    bool/integer tensor; ``None`` for nothing) and answers whether the cheapest purchase, one
+    connection, is affordable. A float ``value`` is a metric, not a count (a schedule such as
+    :class:`~dynarch.schedules.GrowAsNeeded` or a composite ``all_of(Plateau(...), economy)``
+    feeds the validation loss to every trigger): it earns nothing, so compose the economy
+    with metric triggers and let ``economy.callback()`` earn from the training batches.
     ``reset()`` keeps the ledger: credits are an account, not a detection window, so a
     schedule that resets its triggers after growing does not refund or wipe them.
 
@@ -168,9 +172,18 @@ class CreditEconomy(Trigger):
         return price
 
     def update(self, value: float | Tensor | None = None) -> bool:
-        """Earn ``value`` correct predictions (``None``: none); True when one connection is
-        affordable."""
-        if value is not None:
+        """Earn ``value`` correct predictions (``None`` or a float metric: none, see the class
+        doc); True when one connection is affordable.
+
+        Example:
+            >>> economy = CreditEconomy()
+            >>> economy.update(2), economy.update(0.37), economy.balance  # 0.37: a metric
+            (True, True, 2.0)
+        """
+        metric = isinstance(value, float) or (
+            isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
+        )
+        if value is not None and not metric:
             self.earn(value)
         return self.can_afford(connections=1)
 
