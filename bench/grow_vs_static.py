@@ -10,7 +10,9 @@ wall time of the whole training, growth and the final evaluation included.
 * ``grown``: the same architecture started at ``--start`` (32-32); every hidden layer is
   doubled (capped at S) every K epochs with ``dynarch.surgery.widen(model, name, width,
   optimizer=opt, init=...)`` (function-preserving; optimizer state carried) until it is
-  exactly S. K and ``init`` ("net2net" with ``--noise``, or "zero") are **chosen on a
+  exactly S (``--shrink F`` < 1 first multiplies every parameter and momentum buffer by F
+  at each growth: shrink, Ash & Adams 2020, not function-preserving).
+  K and ``init`` ("net2net" with ``--noise``, or "zero") are **chosen on a
   validation split, never on the test set**: each candidate of ``--schedules`` ("K:init")
   trains on the first 5/6 of the training set and is scored by its accuracy on the last
   1/6 (10k), with seeds 100.. (``--select-seeds``); the best mean wins. A single
@@ -71,6 +73,7 @@ class Config:
     schedules: str = DEFAULT_SCHEDULES
     select_seeds: int = 2
     noise: float = 0.01
+    shrink: float = 1.0
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9
@@ -186,6 +189,8 @@ def run_cell(cell: Cell, config: Config) -> dict[str, Any]:
     def double(trainer: Any, reason: str = "schedule") -> list[Event]:
         """Double every hidden layer below its size in S (capped there); the widen events."""
         noise = config.noise if init == "net2net" else 0.0
+        if config.shrink != 1.0:  # shrink (Ash & Adams 2020): scale the trained weights first
+            shrink_all(trainer.model, trainer.optimizer, config.shrink)
         return [widen(trainer.model, name, min(2 * width, target), optimizer=trainer.optimizer,
                       init=init, noise=noise, reason=reason)
                 for name, target in zip(names, hidden)
@@ -269,6 +274,33 @@ def _widths(text: str) -> str:
     return ",".join(str(int(w)) for w in text.split(","))
 
 
+def _factor(text: str) -> float:
+    """A shrink factor in (0, 1]; an argparse error otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a factor in (0, 1]")
+    return value
+
+
+def shrink_all(model: nn.Module, optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Multiply every parameter and its SGD momentum buffer by ``factor`` (in place).
+
+    >>> m = nn.Linear(2, 1); w = m.weight.detach().clone()
+    >>> shrink_all(m, torch.optim.SGD(m.parameters(), lr=0.1), 0.5)
+    >>> torch.equal(m.weight, w * 0.5)
+    True
+    """
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(factor)
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if isinstance(buf, Tensor):
+                buf.mul_(factor)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description="Grown vs static benchmark (bench/grow_vs_static.py).")
@@ -281,6 +313,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--schedules", type=_schedules, default=DEFAULT_SCHEDULES, help="candidates K:init")
     add("--select-seeds", type=_positive, default=2, help="seeds of the schedule selection")
     add("--noise", type=float, default=0.01, help="net2net symmetry-breaking noise")
+    add("--shrink", type=_factor, default=1.0,
+        help="grown methods: multiply every parameter (and momentum) by this before each "
+             "growth (shrink, Ash & Adams 2020; 1 = off, function-preserving growth)")  # fmt: skip
     add("--plateau-threshold", type=float, default=0.01)
     add("--gromo-every", type=_positive, default=40, help="steps between gromo growth steps")
     add("--gromo-window", type=float, default=0.5, help="fraction of training gromo grows in")
@@ -352,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         import_growing_mlp()  # a clear error now rather than in every worker
     config = Config(
         epochs=args.epochs, hidden=args.hidden, start=args.start, schedules=args.schedules,
-        select_seeds=args.select_seeds, noise=args.noise,
+        select_seeds=args.select_seeds, noise=args.noise, shrink=args.shrink,
         plateau_threshold=args.plateau_threshold, gromo_every=args.gromo_every,
         gromo_window=args.gromo_window, gromo_samples=args.gromo_samples,
         limit_train=args.limit_train, limit_test=args.limit_test,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -66,6 +67,9 @@ def test_schedules_parse_and_double_until_the_final_size() -> None:
         (["--start", "32,16"], "--start 32,16: gromo's GrowingMLP needs equal starting widths"),
         (["--schedules", "4:zero"], "schedule 4:zero reaches --hidden only after epoch 12; it "
                                     "must grow within the 10 epochs"),
+        (["--shrink", "0"], "argument --shrink: '0' is not a factor in (0, 1]"),
+        (["--shrink", "1.5"], "argument --shrink: '1.5' is not a factor in (0, 1]"),
+        (["--shrink", "half"], "argument --shrink: 'half' is not a factor in (0, 1]"),
     ],
 )  # fmt: skip
 def test_bad_command_lines_are_refused(
@@ -238,3 +242,17 @@ def test_tiny_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture
         gvs.main([*args[:5], "2", *args[6:], "--resume"])
     assert gvs.main(["--readme", "--out", str(out)]) == 0
     assert "| grown | " in capsys.readouterr().out
+
+
+def test_shrink_scales_every_parameter_and_its_momentum() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    gvs.shrink_all(model, opt, 0.25)
+    for p, b, m in zip(model.parameters(), before, bufs):
+        assert torch.equal(p, b * 0.25)
+        assert torch.equal(opt.state[p]["momentum_buffer"], m * 0.25)
