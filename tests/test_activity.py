@@ -85,11 +85,13 @@ def test_dead_units_fractions_update_and_where() -> None:
         "fc1": {"dead": 0.25, "saturated": 0.0},
         "fc2": {"dead": 0.5, "saturated": 0.0},
     }
-    assert ex.where() == ["fc2", "fc1"]
+    assert ex.where() == ["fc2"]  # only the layer that fires: fc1's 0.25 < 0.5
     assert ex.update()  # fc2: 0.5 >= 0.5
     assert ex.update(123.0)  # the value is ignored
+    ex.fire_fraction = 0.25
+    assert ex.where() == ["fc2", "fc1"]  # both fire, the larger fraction first
     ex.fire_fraction = 0.51
-    assert not ex.update()
+    assert not ex.update() and ex.where() == []
     ex.reset()
     assert ex.statistics("fc1") is None and not ex.update()
 

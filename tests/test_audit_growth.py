@@ -319,17 +319,28 @@ def test_credit_economy_ignores_metric_values_fed_by_composites() -> None:
 
 def test_grow_on_plateau_when_affordable_trains_with_a_composite() -> None:
     """all_of(Plateau, CreditEconomy) receives the val_loss at every evaluation: it used to
-    crash in CreditEconomy.update (a float is not a count of correct predictions)."""
+    crash in CreditEconomy.update (a float is not a count of correct predictions). The growth
+    is paid for: one more unit of "5" adds 128 inputs + 3 outputs = 131 connections."""
     model = cnn()
-    economy = CreditEconomy()
+    economy = CreditEconomy(cost_per_connection=0.125)  # 131 * 0.125 = 16.375 credits
     grow = GrowAsNeeded(all_of(Plateau(patience=1, threshold=10.0), economy), "widen",
                         layers=["5"], amount=1)  # fmt: skip
     trainer(model, XI, [economy.callback(), grow]).fit()
-    assert economy.earned > 0 and economy.earned == int(economy.earned)
+    assert economy.earned > 16.375 and economy.earned == int(economy.earned)
     assert [e.details["new_width"] for e in grow.events] == [
         11
     ]  # the plateau is reset after growing
+    assert grow.attempts[0]["paid"] == [16.375] and economy.spent == 16.375
+    assert economy.balance == economy.earned - 16.375
     assert grow.reason == "all_of(val_loss)"
+    # at the full price (131 credits) the same run cannot afford the unit: nothing grows
+    model = cnn()
+    poor = CreditEconomy()
+    grow = GrowAsNeeded(all_of(Plateau(patience=1, threshold=10.0), poor), "widen",
+                        layers=["5"], amount=1)  # fmt: skip
+    trainer(model, XI, [poor.callback(), grow]).fit()
+    assert 0 < poor.earned < 131 and poor.spent == 0.0 and grow.events == []
+    assert [a["unaffordable"] for a in grow.attempts] == [["5"]] * len(grow.attempts) != []
 
 
 def test_composites_accept_a_list_and_round_trip_mixed_children() -> None:

@@ -197,7 +197,7 @@ def test_state_round_trip() -> None:
             (1, 1, 1),
             {"grow": lambda t: None, "embargo": Embargo(nn.Linear(1, 1), 1)},
             ValueError,
-            r"GrowPruneCycle: embargo need an action that names its targets and cost",
+            r"GrowPruneCycle: embargo needs an action that names its targets and cost",
         ),
     ],
 )

@@ -117,7 +117,7 @@ def test_plateau_fires_grows_and_is_reset() -> None:
     ]
     assert grow.attempts == [
         {"step": 40, "reason": "plateau(val_loss)", "grown": ["fc1", "fc2"], "embargoed": [],
-         "over_budget": [], "events": 2}
+         "over_budget": [], "unaffordable": [], "paid": [], "events": 2}
     ]  # fmt: skip
 
 
@@ -148,7 +148,7 @@ def test_budget_refuses_growth_that_would_exceed_it() -> None:
     assert widths(model) == (10, 8) and grow.growths == 1
     assert grow.attempts[-1] | {"step": 0} == {
         "step": 0, "reason": "plateau(val_loss)", "grown": [], "embargoed": [],
-        "over_budget": ["fc1", "fc2"], "events": 0,
+        "over_budget": ["fc1", "fc2"], "unaffordable": [], "paid": [], "events": 0,
     }  # fmt: skip
     assert trig.wait == 1  # still plateaued: retried at the next evaluation
     budget.limit += 1000
@@ -222,7 +222,7 @@ def test_constructor_errors() -> None:
         (
             {"action": fn, "budget": Cap(1)},
             ValueError,
-            r"GrowAsNeeded: budget need an action that names its targets and cost",
+            r"GrowAsNeeded: budget needs an action that names its targets and cost",
         ),
     ]
     for kwargs, exc, match in cases:

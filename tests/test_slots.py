@@ -200,13 +200,14 @@ def test_embargo_holds_until_step_plus_embargo_steps() -> None:
 
 def test_tick_returns_released_slots() -> None:
     topo = SlotTopology(1, 3, embargo_steps=2)
-    for sid, step in (("r0c0", 1), ("r0c2", 3)):
+    for sid, step in (("r0c0", 1), ("r0c2", 2)):
         for s in (G, T, P, E):
             topo.transition(sid, s, step=step)
     assert topo.tick(2) == []
     assert topo.tick(3) == ["r0c0"]
     assert topo.tick(100) == ["r0c2"]
     assert topo.tick(101) == []
+    assert topo.tick(101) == [] and topo.step == 101  # the same step again is fine
     with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
         topo.tick(-1)
 
@@ -256,3 +257,50 @@ def test_repr_counts_states() -> None:
     topo = SlotTopology(1, 3)
     topo.transition("r0c2", G, step=0)
     assert repr(topo) == "SlotTopology(rows=1, cols=3, states={'dormant': 2, 'germinated': 1})"
+
+
+# ---------------------------------------------------------------- steps never go back
+def test_transition_before_the_slots_last_transition_is_refused() -> None:
+    topo = SlotTopology(1, 2, embargo_steps=5)
+    for s in (G, T, P):
+        topo.transition("r0c0", s, step=10)
+    before = topo.state_dict()
+    msg = (
+        "cannot move slot 'r0c0' to 'embargoed' at step 9: its last transition was at step 10; "
+        "steps must not decrease (give step >= 10)"
+    )
+    with pytest.raises(SlotTransitionError, match=f"^{re.escape(msg)}$"):
+        topo.transition("r0c0", "embargoed", step=9)  # an embargo timed from the past
+    with pytest.raises(SlotTransitionError, match=re.escape(msg)):
+        topo.check("r0c0", E, 9)
+    assert topo.state_dict() == before  # nothing changed
+    # the step check names the slot through a functional name too, and only counts its own
+    # last transition: another slot may still move at an earlier step than the clock
+    topo.add_name("res", "r0c0")
+    with pytest.raises(SlotTransitionError, match=r"^cannot move slot 'r0c0' to 'embargoed' "):
+        topo.transition("res", E, step=0)
+    assert topo.transition("r0c1", G, step=3).since == 3 and topo.step == 10
+    slot = topo.transition("r0c0", E, step=10)  # the same step is fine
+    assert (slot.state, slot.since, slot.embargo_until) == (E, 10, 15)
+
+
+def test_illegal_move_is_reported_before_a_backward_step() -> None:
+    topo = _at(T)  # r0c1 reached training at step 0
+    topo.transition("r0c1", IN, step=4)
+    with pytest.raises(SlotTransitionError, match="'integrated'; allowed: none"):
+        topo.transition("r0c1", P, step=1)
+
+
+def test_tick_backwards_is_refused() -> None:
+    topo = SlotTopology(1, 1)
+    topo.transition("r0c0", G, step=7)  # a transition moves the clock forward too
+    assert topo.step == 7
+    msg = (
+        "cannot tick the slot topology back to step 6: its last step is 7; "
+        "steps must not decrease (tick(step) with step >= 7)"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
+        topo.tick(6)
+    with pytest.raises(ValueError, match=re.escape("back to step 6: its last step is 7")):
+        topo.available_slots(6)
+    assert topo.step == 7 and topo.tick(7) == [] and topo.tick(8) == [] and topo.step == 8

@@ -78,6 +78,21 @@ def test_unaffordable_spend_raises_and_spends_nothing() -> None:
     assert (economy.balance, economy.spent) == (2.0, 0.0)
 
 
+def test_overdraft_pays_past_the_balance_and_the_debt_is_repaid_first() -> None:
+    economy = CreditEconomy(initial=3.0, cap=4.0)
+    assert economy.spend(connections=5, overdraft=True) == 5.0
+    assert (economy.balance, economy.spent) == (-2.0, 5.0)
+    assert (economy.can_afford(connections=1), economy.update(None)) == (False, False)
+    with pytest.raises(ValueError, match=r"they cost 1 credits but the balance is -2; nothing"):
+        economy.spend(connections=1)  # without overdraft a debt buys nothing
+    fresh = CreditEconomy(cap=4.0)
+    fresh.load_state_dict(economy.state_dict())
+    for e in (economy, fresh):
+        assert e.earn(2) == 2.0 and e.update(None) is False  # -2 + 2 = 0: still nothing
+        assert e.earn(9) == 4.0 and e.balance == 4.0  # the cap bounds the balance, not the debt
+        assert (e.earned, e.spent) == (6.0, 5.0)
+
+
 def test_reset_keeps_the_ledger_and_state_round_trip() -> None:
     economy = make_trigger("credit_economy", earn_per_correct=0.75, cost_per_connection=1.5)
     assert isinstance(economy, CreditEconomy) and TRIGGERS["credit_economy"] is CreditEconomy

@@ -331,10 +331,27 @@ class Extrema(_Activity):
         return {n: dict(zip(("dead", "saturated"), counts.get(n, zero)[:2])) for n in self.layers}
 
     def where(self) -> list[str]:
-        """Observed layers by extrema (dead ∪ saturated) fraction, descending (ties: model
-        order)."""
+        """The layers that fire: those whose extrema (dead ∪ saturated) fraction is
+        ``>= fire_fraction``, largest fraction first (ties: model order); ``[]`` when
+        :meth:`update` would not fire. Like every trigger's ``where()``, it names only the
+        places where the firing condition holds, so a schedule acting on it (e.g.
+        :class:`~dynarch.schedules.GrowAsNeeded` widening there) leaves healthy layers alone;
+        :meth:`fractions` has every layer's numbers.
+
+        Example:
+            >>> _ = torch.manual_seed(0)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+            ...                       nn.Linear(8, 2))
+            >>> with torch.no_grad():
+            ...     model[0].bias[:4] = -100.0  # half of the first layer never fires
+            >>> ex = Extrema(model, fire_fraction=0.4)
+            >>> ex.observe(torch.randn(64, 4))
+            >>> ex.fractions()["0"]["dead"], ex.where()
+            (0.5, ['0'])
+        """
         counts = self._counts()
-        return sorted(counts, key=lambda n: -counts[n][2])
+        firing = [n for n in counts if counts[n][2] >= self.fire_fraction]
+        return sorted(firing, key=lambda n: -counts[n][2])
 
     def update(self, value: float | None = None) -> bool:
         """True when some layer's extrema fraction is ``>= fire_fraction`` (``value`` is
@@ -379,7 +396,8 @@ class Utilization(_Activity):
         return dict(zip(rows, values, strict=True))
 
     def where(self) -> list[str]:
-        """Layers whose utilization is below ``threshold``, least utilised first."""
+        """The layers that fire: utilization below ``threshold``, least utilised first (ties:
+        model order); ``[]`` when :meth:`update` would not fire."""
         util = self.utilization()
         return sorted((n for n in util if util[n] < self.threshold), key=lambda n: util[n])
 

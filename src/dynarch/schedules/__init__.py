@@ -1,7 +1,7 @@
 """Capacity schedules: when a network grows and shrinks, as training-loop callbacks.
 
 * :class:`GrowAsNeeded` — trigger → growth action → cooldown (within a budget, outside
-  embargoes);
+  embargoes, paid for by a :class:`~dynarch.triggers.CreditEconomy` among its triggers);
 * :class:`OverparameterizeThenPrune` — train dense / prune gradually / fine-tune
   (from :mod:`dynarch.prune.schedules`);
 * :class:`GrowPruneCycle` — grow / prune / stabilise phases by step;
@@ -18,7 +18,7 @@ function of the trainer. Every state is plain data, so a resumed run behaves ide
     >>> grow = GrowAsNeeded(Plateau(patience=2), "widen", layers=["fc1"], amount=8,
     ...                     cooldown=1, embargo=embargo)
     >>> sorted(grow.state_dict())
-    ['action', 'attempts', 'cooldown_left', 'embargo', 'growths', 'trigger']
+    ['action', 'attempts', 'cooldown_left', 'economy', 'embargo', 'growths', 'trigger']
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from .actions import ACTIONS, Action, FunctionAction, as_action, make_action, re
 from .builtin import MagnitudePruneAction, StructuredPruneAction, WidenAction, widen_cost
 from .cycle import PHASES, GrowPruneCycle
 from .embargo import EMBARGO_OPS, Embargo, event_places
-from .grow import GrowAsNeeded, grow_once
+from .grow import GrowAsNeeded, economies_in, grow_once
 
 __all__ = [
     "ACTIONS", "EMBARGO_OPS", "OTP_PHASES", "PHASES", "Action", "Embargo", "FunctionAction",
     "GrowAsNeeded", "GrowPruneCycle", "MagnitudePruneAction", "OverparameterizeThenPrune",
-    "StructuredPruneAction", "WidenAction", "as_action", "event_places", "grow_once",
-    "make_action", "register_action", "widen_cost",
+    "StructuredPruneAction", "WidenAction", "as_action", "economies_in", "event_places",
+    "grow_once", "make_action", "register_action", "widen_cost",
 ]  # fmt: skip

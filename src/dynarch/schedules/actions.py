@@ -2,8 +2,9 @@
 
 An :class:`Action` answers *what* a schedule does when it acts, in three steps the schedules
 drive: :meth:`Action.targets` (the places it would change), :meth:`Action.cost` (parameters a
-change adds there, checked against a budget) and :meth:`Action.apply` (do it, one or more
-engine events, each with the schedule's ``reason``). Actions are registered by name in
+change adds there, checked against a budget; :meth:`Action.adds` splits it into connections
+and units for a credit economy) and :meth:`Action.apply` (do it, one or more engine events,
+each with the schedule's ``reason``). Actions are registered by name in
 :data:`ACTIONS` so configs can name them (``{"name": "widen", "layers": ["fc1"]}``)::
 
     >>> import torch
@@ -69,6 +70,12 @@ class Action:
     def cost(self, model: nn.Module, target: str) -> int:
         """Parameters the change at ``target`` adds (checked against a budget)."""
         return 0
+
+    def adds(self, model: nn.Module, target: str) -> tuple[int, int]:
+        """``(connections, units)`` the change at ``target`` adds: active Linear/Conv2d
+        weights and new units, what a :class:`~dynarch.triggers.CreditEconomy` is asked to
+        afford. Default: ``(cost(model, target), 0)``, every added parameter a connection."""
+        return self.cost(model, target), 0
 
     def apply(self, trainer: Trainer, targets: list[str], reason: str) -> list[Event]:
         """Change ``targets`` of ``trainer.model``; returns the engine events."""

@@ -51,6 +51,14 @@ def widen_cost(model: nn.Module, target: str, width: int, graph: ModelGraph | No
         >>> widen_cost(mlp(8, [16], 3, batchnorm=True), "fc1", 20)  # 4 * (8 + 1 + 2 + 3)
         56
     """
+    weights, others = _widen_counts(model, target, width, graph)
+    return weights + others
+
+
+def _widen_counts(
+    model: nn.Module, target: str, width: int, graph: ModelGraph | None = None
+) -> tuple[int, int]:
+    """:func:`widen_cost` split into ``(Linear/Conv2d weights, biases and norm entries)``."""
     resolve(model, target, _LAYERS)
     graph = analyse(model) if graph is None else graph
     group = graph.group(target)
@@ -66,7 +74,7 @@ def widen_cost(model: nn.Module, target: str, width: int, graph: ModelGraph | No
         roles.setdefault(name, set()).add("out")
     for name, flat in group.consumers:
         roles.setdefault(name, set()).add("flat" if flat else "in")
-    total = 0
+    weights = others = 0
     for name, role in roles.items():
         layer = graph.modules[name]
         assert isinstance(layer, nn.Linear | nn.Conv2d)
@@ -79,14 +87,14 @@ def widen_cost(model: nn.Module, target: str, width: int, graph: ModelGraph | No
         mask = layer._buffers.get("weight_mask")
         if mask is not None:  # new rows/columns carry mask entries at the layer's density
             added = math.ceil(added * int(mask.sum()) / mask.numel())
-        total += added
+        weights += added
         if layer.bias is not None and "out" in role:
-            total += extra
+            others += extra
     for name in group.norms:
         dim = group.norm_dims[name]
         for p in graph.modules[name].parameters(recurse=False):
-            total += p.numel() // p.shape[dim] * extra
-    return total
+            others += p.numel() // p.shape[dim] * extra
+    return weights, others
 
 
 @register_action("widen")
@@ -237,6 +245,22 @@ class WidenAction(Action):
         """Parameters added by widening ``target`` to :meth:`new_width`."""
         graph = _graph(model, self._cache)
         return widen_cost(model, target, self.new_width(model, target), graph)
+
+    def adds(self, model: nn.Module, target: str) -> tuple[int, int]:
+        """``(connections, units)`` widening ``target`` adds: the new Linear/Conv2d weights
+        (:meth:`cost` without biases and norm entries) and the new units of every coupled
+        layer.
+
+        Example:
+            >>> from dynarch.models import mlp
+            >>> WidenAction(amount=2).adds(mlp(8, [10, 6], 3), "fc1")  # 2 * (8 + 6), 2
+            (28, 2)
+        """
+        graph = _graph(model, self._cache)
+        width = self.new_width(model, target)
+        extra = width - out_units(model.get_submodule(target))
+        weights, _ = _widen_counts(model, target, width, graph)
+        return weights, extra * len(graph.group(target).producers)
 
     def apply(self, trainer: Trainer, targets: list[str], reason: str) -> list[Event]:
         """Widen each target; one ``widen`` event each."""

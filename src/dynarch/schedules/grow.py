@@ -11,25 +11,68 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
+
 from ..callbacks import Callback, _monitored
 from ..events import Event
-from ..triggers import Trigger, check_state, make_trigger
+from ..remap import out_units
+from ..triggers import CreditEconomy, Trigger, check_state, make_trigger
 from .actions import Action, as_action
 from .embargo import Embargo
 
 if TYPE_CHECKING:
     from ..train import Trainer
 
-__all__ = ["GrowAsNeeded", "grow_once"]
+__all__ = ["GrowAsNeeded", "economies_in", "grow_once"]
 
 
-def _check_budget(owner: str, budget: object) -> None:
-    """Raise unless ``budget`` is None or has a callable ``can_grow(model, n_params)``."""
+def _check_budget(owner: str, budget: object, *, economy: bool = False) -> None:
+    """Raise unless ``budget`` is None or has a callable ``can_grow(model, n_params)`` (or,
+    with ``economy``, is a :class:`~dynarch.triggers.CreditEconomy`)."""
+    if economy and isinstance(budget, CreditEconomy):
+        return
     if budget is not None and not callable(getattr(budget, "can_grow", None)):
+        also = " or be a dynarch.triggers.CreditEconomy" if economy else ""
         raise TypeError(
             f"{owner}: budget must have a method can_grow(model, n_params) -> bool "
-            f"(e.g. dynarch.triggers.Budget), got {type(budget).__name__}"
+            f"(e.g. dynarch.triggers.Budget){also}, got {type(budget).__name__}"
         )
+
+
+def economies_in(*sources: object) -> list[CreditEconomy]:
+    """The :class:`~dynarch.triggers.CreditEconomy` objects among ``sources``, looking
+    inside composite triggers (``all_of``/``any_of``, recursively); each once, in order.
+
+    Example:
+        >>> from dynarch.triggers import Plateau, all_of, any_of
+        >>> economy = CreditEconomy()
+        >>> economies_in(all_of(Plateau(), any_of(Plateau(), economy)), economy) == [economy]
+        True
+    """
+    found: list[CreditEconomy] = []
+    stack = list(reversed(sources))
+    while stack:
+        item = stack.pop()
+        if isinstance(item, CreditEconomy):
+            if all(item is not e for e in found):
+                found.append(item)
+        elif isinstance(children := getattr(item, "triggers", None), list):
+            stack.extend(reversed(children))
+    return found
+
+
+def _footprint(model: nn.Module) -> tuple[int, int]:
+    """``(active Linear/Conv2d weights, units of every Linear/Conv2d)`` of ``model``."""
+    from ..growth.candidates import active_params  # lazy: dynarch.growth imports schedules
+
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    return active_params(model)[1], sum(out_units(m) for m in layers)
+
+
+def _priced_units(economy: CreditEconomy, units: int) -> int:
+    """Units an economy charges: none when it prices a unit by its connections (as in
+    :class:`~dynarch.growth.Tournament`)."""
+    return units if economy.cost_per_unit is not None else 0
 
 
 def _check_embargo(owner: str, embargo: object) -> None:
@@ -40,13 +83,18 @@ def _check_embargo(owner: str, embargo: object) -> None:
         )
 
 
-def _check_planned(owner: str, action: Action, budget: object, embargo: object) -> None:
-    """A budget or an embargo needs an action that names its targets and cost."""
-    used = [name for name, v in (("budget", budget), ("embargo", embargo)) if v is not None]
+def _check_planned(
+    owner: str, action: Action, budget: object, embargo: object, economy: bool = False
+) -> None:
+    """A budget, an embargo or a credit economy needs an action that names its targets and
+    cost."""
+    checks = (("budget", budget), ("embargo", embargo), ("a credit economy", economy or None))
+    used = [name for name, v in checks if v is not None]
     if used and not action.planned:
         raise ValueError(
-            f"{owner}: {' and '.join(used)} need an action that names its targets and cost "
-            "(a dynarch.schedules.Action such as 'widen'); a plain function cannot be checked"
+            f"{owner}: {' and '.join(used)} need{'s' if len(used) == 1 else ''} an action that "
+            "names its targets and cost (a dynarch.schedules.Action such as 'widen'); a plain "
+            "function cannot be checked"
         )
 
 
@@ -68,13 +116,22 @@ def grow_once(
     budget: Any = None,
     embargo: Embargo | None = None,
     hint: Sequence[str] | None = None,
+    economies: Sequence[CreditEconomy] = (),
 ) -> tuple[list[Event], dict[str, Any]]:
     """Apply ``action`` where it may grow now; returns its events and a plain-data record
-    ``{"step", "reason", "grown", "embargoed", "over_budget", "events"}``.
+    ``{"step", "reason", "grown", "embargoed", "over_budget", "unaffordable", "paid",
+    "events"}``.
 
     Targets are considered in the action's order: an embargoed one (any place it touches
     blocked at ``trainer.step``) is skipped, then each remaining one is kept only if
-    ``budget.can_grow(model, cost so far + its cost)``. Unplanned actions are just called.
+    ``budget.can_grow(model, cost so far + its cost)`` and every economy (``economies``, and
+    ``budget`` itself when it is a :class:`~dynarch.triggers.CreditEconomy`) can afford the
+    connections and units so far plus its :meth:`~Action.adds`. After the action each
+    economy is charged the *actual* growth, measured on the model (active Linear/Conv2d
+    weights and Linear/Conv2d units after minus before; units only when the economy has a
+    ``cost_per_unit``), even past its balance (``spend(..., overdraft=True)``) when the
+    estimate was low; ``"paid"`` lists the credits each economy paid. Unplanned actions are
+    just called (they cannot be used with an economy).
 
     Example:
         >>> import torch
@@ -88,14 +145,21 @@ def grow_once(
         (['fc1'], 10)
     """
     model = trainer.model
+    if isinstance(budget, CreditEconomy):
+        budget, economies = None, economies_in(*economies, budget)
     record: dict[str, Any] = {"step": trainer.step, "reason": reason, "grown": []}
-    record |= {"embargoed": [], "over_budget": [], "events": 0}
+    record |= {"embargoed": [], "over_budget": [], "unaffordable": [], "paid": [], "events": 0}
     if not action.planned:
+        if economies:
+            raise ValueError(
+                "grow_once: a credit economy needs an action that names its targets and cost "
+                "(a dynarch.schedules.Action such as 'widen'); a plain function cannot be priced"
+            )
         events = action.apply(trainer, [], reason)
         record["events"] = len(events)
         return events, record
     chosen: list[str] = []
-    total = 0
+    total = connections = units = 0
     for target in action.targets(model, hint):
         places = action.places(model, target)
         if embargo is not None and not all(embargo.allowed(p, trainer.step) for p in places):
@@ -105,9 +169,24 @@ def grow_once(
         if budget is not None and not budget.can_grow(model, total + cost):
             record["over_budget"].append(target)
             continue
+        if economies:
+            c, u = action.adds(model, target)
+            if not all(
+                e.can_afford(connections + c, _priced_units(e, units + u)) for e in economies
+            ):
+                record["unaffordable"].append(target)
+                continue
+            connections, units = connections + c, units + u
         chosen.append(target)
         total += cost
+    before = _footprint(model) if economies and chosen else (0, 0)
     events = action.apply(trainer, chosen, reason) if chosen else []
+    if events and economies:
+        after = _footprint(model)
+        grown_c, grown_u = max(after[0] - before[0], 0), max(after[1] - before[1], 0)
+        record["paid"] = [
+            e.spend(grown_c, _priced_units(e, grown_u), overdraft=True) for e in economies
+        ]
     record["grown"], record["events"] = chosen, len(events)
     return events, record
 
@@ -149,6 +228,21 @@ class GrowAsNeeded(Callback):
     ``tag + ":"`` when ``tag`` is set). When the trigger has a ``where()`` method, its
     answer is passed to the action as a hint (``WidenAction(layers=None)`` grows there).
 
+    **Credits.** A :class:`~dynarch.triggers.CreditEconomy` among the triggers (also inside
+    ``all_of``/``any_of``, e.g. ``all_of(Plateau(patience=3), economy)``) or given as
+    ``budget`` makes growth paid for: a target is grown only when every such economy can
+    afford it (the action's estimate :meth:`~dynarch.schedules.Action.adds`: new connections
+    and units), and after growing each economy is charged the **price** of what was actually
+    added, ``connections × cost_per_connection + units × cost_per_unit``, where
+    ``connections`` are the active Linear/Conv2d weights the growth added (a widen's new
+    weights; a patch's newly active mask positions) and ``units`` the units it added
+    (charged only when ``cost_per_unit`` is set; otherwise a unit costs its connections, as in
+    :class:`~dynarch.growth.Tournament`). Biases and norm entries are free. Unaffordable
+    targets are listed under ``"unaffordable"`` in :attr:`attempts` and, if nothing else could
+    grow, nothing happens: no cooldown, no reset, a retry at the next evaluation. An economy
+    passed as ``budget`` is saved in :meth:`state_dict` (one inside the trigger is saved with
+    the trigger); pair it with ``economy.callback()`` so it earns.
+
     Example:
         >>> from dynarch.triggers import Plateau
         >>> grow = GrowAsNeeded(Plateau(patience=3), "widen", layers=["fc1"], factor=2.0,
@@ -189,9 +283,11 @@ class GrowAsNeeded(Callback):
             )
         if not isinstance(tag, str):
             raise TypeError(f"{owner}: tag must be a str, got {tag!r}")
-        _check_budget(owner, budget)
+        _check_budget(owner, budget, economy=True)
         _check_embargo(owner, embargo)
-        _check_planned(owner, self.action, budget, embargo)
+        self.economies = economies_in(self.trigger, budget)
+        """The credit economies that pay for growth (trigger's first, then ``budget``)."""
+        _check_planned(owner, self.action, budget, embargo, bool(self.economies))
         self.monitor = monitor
         self.cooldown = cooldown
         self.budget = budget
@@ -234,9 +330,11 @@ class GrowAsNeeded(Callback):
         """Run the action now (whatever the trigger says); returns the events (may be empty)."""
         where = getattr(self.trigger, "where", None)
         hint = where() if callable(where) else None
+        budget = None if isinstance(self.budget, CreditEconomy) else self.budget
         events, record = grow_once(
-            trainer, self.action, self.reason, budget=self.budget, embargo=self.embargo, hint=hint
-        )
+            trainer, self.action, self.reason, budget=budget, embargo=self.embargo, hint=hint,
+            economies=self.economies,
+        )  # fmt: skip
         self.attempts.append(record)
         if events:
             self.growths += 1
@@ -246,7 +344,9 @@ class GrowAsNeeded(Callback):
         return events
 
     def state_dict(self) -> dict[str, Any]:
-        """Trigger, counters, attempts, action and embargo states (plain data)."""
+        """Trigger, counters, attempts, action, embargo and economy (a
+        :class:`~dynarch.triggers.CreditEconomy` passed as ``budget``) states (plain data)."""
+        economy = self.budget if isinstance(self.budget, CreditEconomy) else None
         return {
             "trigger": self.trigger.state_dict(),
             "action": self.action.state_dict(),
@@ -254,18 +354,29 @@ class GrowAsNeeded(Callback):
             "cooldown_left": self.cooldown_left,
             "attempts": [dict(a) for a in self.attempts],
             "embargo": None if self.embargo is None else self.embargo.state_dict(),
+            "economy": None if economy is None else economy.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output."""
+        """Restore :meth:`state_dict` output (a state saved before ``"economy"`` existed
+        loads as one without an economy budget)."""
         keys = {"trigger", "action", "growths", "cooldown_left", "attempts", "embargo"}
-        check_state("GrowAsNeeded", state, keys)
-        if (state["embargo"] is None) != (self.embargo is None):
-            have = "has" if self.embargo is not None else "has no"
-            raise ValueError(
-                f"GrowAsNeeded: the saved state and this schedule disagree on the embargo "
-                f"(this one {have} embargo); build it with the same arguments"
-            )
+        if isinstance(state, dict) and "economy" not in state and set(state) == keys:
+            state = {**state, "economy": None}
+        check_state("GrowAsNeeded", state, keys | {"economy"})
+        economy = self.budget if isinstance(self.budget, CreditEconomy) else None
+        for name, mine, what in (
+            ("embargo", self.embargo, "embargo"),
+            ("economy", economy, "credit economy as budget"),
+        ):
+            if (state[name] is None) != (mine is None):
+                have = "has no" if mine is None else "has an" if name == "embargo" else "has a"
+                raise ValueError(
+                    f"GrowAsNeeded: the saved state and this schedule disagree on the {name} "
+                    f"(this one {have} {what}); build it with the same arguments"
+                )
+        if economy is not None:
+            economy.load_state_dict(state["economy"])
         self.trigger.load_state_dict(state["trigger"])
         self.action.load_state_dict(state["action"])
         self.growths = int(state["growths"])

@@ -191,8 +191,26 @@ class SlotTopology:
         return {sid: s.state for sid, s in self._slots.items()}
 
     def tick(self, step: int) -> list[str]:
-        """Advance to ``step``; embargoed slots whose embargo ended become dormant (returned)."""
-        self.step = check_int("step", step, 0)
+        """Advance to ``step``; embargoed slots whose embargo ended become dormant (returned).
+
+        The clock never goes back: a ``step`` before the topology's current :attr:`step` (its
+        last tick or transition) is refused.
+
+        Example:
+            >>> topo = SlotTopology(1, 1); topo.tick(5)
+            []
+            >>> topo.tick(3)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: cannot tick the slot topology back to step 3: its last step is 5; ...
+        """
+        step = check_int("step", step, 0)
+        if step < self.step:
+            raise ValueError(
+                f"cannot tick the slot topology back to step {step}: its last step is "
+                f"{self.step}; steps must not decrease (tick(step) with step >= {self.step})"
+            )
+        self.step = step
         done = [s for s in self._slots.values() if s.state is S.EMBARGOED]
         done = [s for s in done if s.embargo_until is not None and s.embargo_until <= step]
         for slot in done:
@@ -205,7 +223,9 @@ class SlotTopology:
         return [sid for sid, s in self._slots.items() if s.state is S.DORMANT]
 
     def check(self, slot_id: str, state: SlotState | str, step: int | None = None) -> Slot:
-        """Raise :class:`SlotTransitionError` unless ``slot_id`` may move to ``state`` now."""
+        """Raise :class:`SlotTransitionError` unless ``slot_id`` may move to ``state`` now (a
+        legal move, at a ``step`` not before the slot's last transition, not ending an embargo
+        early)."""
         slot, target = self.get_slot(slot_id), _state(state)
         step = self.step if step is None else check_int("step", step, 0)
         allowed = ALLOWED[slot.state]
@@ -214,6 +234,12 @@ class SlotTopology:
             raise SlotTransitionError(
                 f"illegal transition of slot '{slot.id}' to '{target.value}': "
                 f"slot '{slot.id}' is '{slot.state.value}'; allowed: {moves}"
+            )
+        if step < slot.since:
+            raise SlotTransitionError(
+                f"cannot move slot '{slot.id}' to '{target.value}' at step {step}: its last "
+                f"transition was at step {slot.since}; steps must not decrease (give step >= "
+                f"{slot.since})"
             )
         if target is S.DORMANT and slot.embargo_until is not None and step < slot.embargo_until:
             raise SlotTransitionError(
@@ -226,7 +252,18 @@ class SlotTopology:
         """Move ``slot_id`` to ``state`` (a :class:`SlotState` or its value) at ``step``.
 
         Entering ``embargoed`` at step ``s`` starts an embargo that ends at
-        ``s + embargo_steps``. Returns the slot.
+        ``s + embargo_steps``. A ``step`` before the slot's last transition (``slot.since``)
+        is refused, so no move (an embargo included) is timed from the past. Returns the slot.
+
+        Example:
+            >>> topo = SlotTopology(1, 1)
+            >>> topo.transition("r0c0", "germinated", step=4).since
+            4
+            >>> topo.transition("r0c0", "training", step=2)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            dynarch.slots.topology.SlotTransitionError: cannot move slot 'r0c0' to 'training' at \
+step 2: its last transition was at step 4; ...
         """
         slot = self.check(slot_id, state, step)
         step = self.step if step is None else step

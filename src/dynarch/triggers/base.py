@@ -25,7 +25,9 @@ class Trigger:
     """Base class: ``update(value) -> bool`` fires; ``reset()`` starts over; state is a dict.
 
     A trigger answers one question ("should we act now?"; some also say where, with
-    ``where()``). ``state_dict()`` returns plain data (numbers, strings, lists, dicts) so it
+    ``where()``: the places where the firing condition holds, most urgent first, and ``[]``
+    when it would not fire, so a schedule acting there leaves healthy places alone).
+    ``state_dict()`` returns plain data (numbers, strings, lists, dicts) so it
     loads with ``torch.load(weights_only=True)``.
 
     Example:

@@ -152,16 +152,23 @@ class CreditEconomy(Trigger):
         """
         return self.cost(connections, units) <= self._balance
 
-    def spend(self, connections: int = 0, units: int = 0) -> float:
+    def spend(self, connections: int = 0, units: int = 0, *, overdraft: bool = False) -> float:
         """Pay for the purchase and return its cost; ValueError (nothing spent) if unaffordable.
+
+        ``overdraft=True`` always pays, letting the balance go negative: a debt that later
+        earnings repay before anything is affordable again. A schedule that checked the
+        *estimated* price first uses it to charge the *actual* price after growing
+        (:class:`~dynarch.schedules.GrowAsNeeded`).
 
         Example:
             >>> economy = CreditEconomy(initial=3.0)
             >>> economy.spend(connections=2), economy.balance
             (2.0, 1.0)
+            >>> economy.spend(connections=3, overdraft=True), economy.balance
+            (3.0, -2.0)
         """
         price = self.cost(connections, units)
-        if price > self._balance:
+        if price > self._balance and not overdraft:
             raise ValueError(
                 f"cannot afford {connections} connection(s) and {units} unit(s): they cost "
                 f"{price:g} credits but the balance is {self._balance:g}; nothing was spent "
