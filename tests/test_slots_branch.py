@@ -214,3 +214,22 @@ def test_custom_branch_class_needs_modules(tmp_path: Path) -> None:
         dynarch.load(path)
     ckpt = dynarch.load(path, modules={name: Odd})
     assert torch.equal(ckpt.model(X), net(X))
+
+
+def test_a_branch_added_already_sparse_keeps_its_masked_weights_zero() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(4, 8), nn.ReLU(), BranchableLayer(nn.Linear(8, 8)), nn.Linear(8, 2)
+    )
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    branch = nn.Sequential(nn.Linear(8, 8))
+    dynarch.sparsify(branch, 0.25, distribution="uniform")
+    add_branch(net, "2", branch, optimizer=opt)
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(5, 4)).sum().backward()
+        opt.step()
+    lin = net[2].branches[1][0]
+    assert int(lin.weight_mask.sum()) == 16
+    assert int((lin.weight[~lin.weight_mask] != 0).sum()) == 0
+    assert int((lin.weight[lin.weight_mask] != 0).sum()) == 16

@@ -12,6 +12,8 @@ A checkpoint is a directory, written atomically (temporary directory, fsync, ``o
 ``optimizer.pt`` and ``state.pt`` load with ``torch.load(weights_only=True)``; nothing is
 pickled. :func:`load` rebuilds the base model (from its JSON spec, or from the class you
 pass for a custom model), replays the structural events, then loads the weights strictly.
+To resume exactly, build the optimizer from :meth:`Checkpoint.param_groups`, then
+:meth:`Checkpoint.load_optimizer`.
 
 Example:
     >>> import tempfile, torch, torch.nn as nn, dynarch
@@ -53,6 +55,7 @@ __all__ = ["Checkpoint", "CheckpointError", "load", "register_replay", "save"]
 FORMAT = "dynarch-checkpoint"
 VERSION = 1
 FILES = ("model.safetensors", "optimizer.pt", "state.pt")
+WEIGHT_BUFFERS = ("weight_mask", "weight_patch")  # per-weight bool buffers (masks, patches)
 
 
 class CheckpointError(ValueError):
@@ -212,6 +215,37 @@ class Checkpoint:
         """Put the global RNGs back where they were at save time (for exact resume)."""
         restore_rng(self.rng)
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The saved optimizer's param groups on :attr:`model` (parameters found by their
+        saved names, hyperparameters): build the optimizer to resume with them, then
+        :meth:`load_optimizer`. Works for any grouping (e.g. :class:`dynarch.lr.LRPlan`'s, or
+        one holding parameters a structural op added while frozen).
+
+        Example:
+            >>> import tempfile, torch, torch.nn as nn, dynarch
+            >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+            >>> opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.1},
+            ...                        {"params": model[2].parameters()}], lr=0.01)
+            >>> ck = dynarch.load(dynarch.save(tempfile.mkdtemp() + "/ck", model, opt))
+            >>> opt2 = ck.load_optimizer(torch.optim.SGD(ck.param_groups(), lr=1.0))
+            >>> [g["lr"] for g in opt2.param_groups]
+            [0.1, 0.01]
+        """
+        if not self.optimizer_state:
+            raise CheckpointError("this checkpoint was saved without an optimizer")
+        params = dict(self.model.named_parameters())
+        groups = []
+        for gi, saved in enumerate(self.optimizer_state["param_groups"]):
+            missing = [n for n in saved["param_names"] if n not in params]
+            if missing:
+                raise CheckpointError(
+                    f"optimizer group {gi} of the checkpoint holds {missing[:4]}, which the "
+                    "loaded model does not have"
+                )
+            group = {k: v for k, v in saved.items() if k not in ("params", "param_names")}
+            groups.append({**group, "params": [params[n] for n in saved["param_names"]]})
+        return groups
+
     def load_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Load the saved state into ``optimizer`` (built on ``self.model``'s parameters in
         model order), checking the parameter names line up; returns it."""
@@ -336,6 +370,28 @@ def _rebuild(
     return net, events
 
 
+def _add_weight_buffers(
+    net: nn.Module, own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Create the mask/patch buffers (:data:`WEIGHT_BUFFERS`) the checkpoint holds but the
+    rebuilt model lacks (a module attached or branched in already sparse: replays rebuild
+    modules, not their masks) on the Linear/Conv2d whose weight has their shape; returns the
+    state dict of ``net`` afterwards (anything else stays a mismatch)."""
+    modules, added = dict(net.named_modules()), False
+    for key in set(tensors) - set(own):
+        owner, _, attr = key.rpartition(".")
+        mod, value = modules.get(owner), tensors[key]
+        if (
+            attr in WEIGHT_BUFFERS
+            and value.dtype == torch.bool
+            and isinstance(mod, nn.Linear | nn.Conv2d)
+            and mod.weight.shape == value.shape
+        ):
+            mod.register_buffer(attr, torch.zeros_like(value), persistent=True)
+            added = True
+    return net.state_dict() if added else own
+
+
 def load(
     path: str | os.PathLike[str],
     model: type[nn.Module] | Callable[[], nn.Module] | nn.Module | None = None,
@@ -375,7 +431,7 @@ def load(
         opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location=map_location)
     except Exception as exc:
         raise CheckpointError(f"checkpoint '{path}' cannot be read: {exc}") from exc
-    own = net.state_dict()
+    own = _add_weight_buffers(net, net.state_dict(), tensors)
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)

@@ -16,6 +16,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import skip_init
 
+from ._enforce import MASK, enforce
 from ._engine import engine_state, transaction
 from .events import Event
 from .graph import (
@@ -231,7 +232,9 @@ def attach(
     ``slot`` is ``"after:<module name>"`` (or just the module name): the branch reads that
     module's output. ``alpha`` is a 0-dim parameter starting at 0 by default, so the function
     is unchanged; ``module`` must map its input to the same shape. The new parameters (the
-    module's and ``alpha``) join the optimizer group of the parameter before them.
+    module's and ``alpha``) join the optimizer group of the parameter before them. A module
+    that is already sparse (``weight_mask`` buffers) keeps its masks: they are enforced after
+    every step of ``optimizer`` and rebuilt by :func:`dynarch.load`.
 
     Example:
         >>> import torch, torch.nn as nn, dynarch
@@ -259,6 +262,10 @@ def attach(
     with transaction(model, "attach", slot, reason=reason, record=record) as tx:
         (name,), wrapped = insert_after(model, anchor, [(_split(anchor)[1] + "_slot", wrapper)])
         transplant(optimizer, added=_anchored(model, list(wrapper.parameters())))
+        if optimizer is not None and any(
+            m._buffers.get(MASK) is not None for m in module.modules()
+        ):
+            enforce(model, optimizer)  # a module attached already sparse keeps its masks
         st.slots[slot] = name
         if wrapped:
             st.wrapped.add(name)

@@ -219,6 +219,11 @@ def add_branch(
                 added.append((p, prev))
             prev = p
         transplant(optimizer, changes, added=added)
+        if optimizer is not None and any(m._buffers.get("weight_mask") is not None
+                                         for m in module.modules()):  # fmt: skip
+            from .masks import enforce
+
+            enforce(model, optimizer)  # a branch added already sparse keeps its masks
         tx.details = {"branches": n + 1, "type": type(module).__name__}
         tx.replay = {"target": target, "module": describe(module) or {"class": class_path(module)}}
     assert tx.event is not None

@@ -26,8 +26,12 @@ yourself in a custom loop).
 
 The plan owns the groups' learning rates: do not combine it with a ``torch.optim``
 LR scheduler (change :meth:`LRPlan.set_base_lr` or add a step-dependent strategy instead).
-To resume from a checkpoint, build the optimizer from :meth:`LRPlan.param_groups` of the
-rebuilt model before loading the optimizer state (the grouping is a function of the model).
+To resume from a checkpoint, build the optimizer from the saved groups
+(:meth:`dynarch.checkpoint.Checkpoint.param_groups`), load its state
+(:meth:`~dynarch.checkpoint.Checkpoint.load_optimizer`), then attach a plan built on the
+loaded model: the groups are the saved ones, parameters a structural op added while frozen
+(e.g. a slot's scheduled ``alpha``) included. :meth:`LRPlan.param_groups` of the rebuilt
+model gives the same groups only when the optimizer held exactly its trainable parameters.
 """
 
 from __future__ import annotations
