@@ -56,7 +56,7 @@ def test_parse_densities() -> None:
         ("1,,0.5", r"--densities: '' is not a number"),
         ("1,nan", r"--densities: 'nan' is not a number"),
         ("0.5,0.1", r"--densities: '0.5,0.1' does not include 1, the dense model"),
-        ("1,0.5,0.50", r"--densities: '1,0.5,0.50' lists a density twice"),
+        ("1,0.5,0.50", r"--densities: '1,0.5,0.50' lists 0.5 twice; give each density once"),
     ],
 )
 def test_parse_densities_names_the_bad_value(text: str, message: str) -> None:

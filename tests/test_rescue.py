@@ -297,6 +297,8 @@ def test_rescue_cli_usage_errors(tmp_path: Path) -> None:
                      str(tmp_path / "r"))  # fmt: skip
     # the rescue's default n_val (5000) is more than mnist1d's 4000 training samples
     assert result.exit_code == 2
-    assert ("Error: data.n_val: 5000 leaves no training samples (the training set has 4000); "
-            "use fewer") in result.output  # fmt: skip
+    assert result.output == (
+        "Error: data.n_val: 5000 (the rescue's default validation split) leaves no training "
+        "samples (the training set has 4000); use fewer, e.g. --set data.n_val=400\n"
+    )
     assert not (tmp_path / "r" / "rescue.json").exists()

@@ -11,7 +11,8 @@
   ΔMI/ΔParams (:class:`dynarch.growth.Tournament`).
 
 ``trigger: plateau`` grows when ``monitor`` has not improved by more than ``threshold`` for
-``patience`` evaluations; ``trigger: every`` grows every ``every`` evaluations. After a growth
+``patience`` evaluations; ``trigger: every`` grows every ``every`` evaluations (a key of
+the other trigger, set to a value other than its default, is an error). After a growth
 the trigger waits ``cooldown`` evaluations; at most ``max_events`` growths. ``max_params``
 caps the *active* parameters (masked-off weights not counted): a number <= 1 is a fraction of
 the model's dense parameter count when training starts, a larger one an absolute count.
@@ -116,6 +117,13 @@ class GrowthConfig(_Monitored):
                 )
         if self.every != 1 and self.trigger != "every":
             raise ValueError("'every' applies to trigger 'every'; set growth.trigger: every")
+        for key in ("patience", "threshold"):
+            changed = getattr(self, key) != defaults[key].get_default()
+            if self.trigger != "plateau" and key in self.model_fields_set and changed:
+                raise ValueError(
+                    f"{key!r} applies to trigger 'plateau', not {self.trigger!r}; remove it or "
+                    "set growth.trigger: plateau"
+                )
         if self.max_params is not None and self.max_params > 1 and self.max_params % 1:
             raise ValueError(
                 f"max_params {self.max_params!r} is neither a fraction <= 1 nor a whole "

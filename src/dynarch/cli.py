@@ -1,5 +1,11 @@
-"""The ``dynarch`` command line: ``dynarch run CONFIG``, ``dynarch inspect RUN_DIR`` and
-``dynarch ladder CONFIG --densities ...`` (:mod:`dynarch.ladder`).
+"""The ``dynarch`` command line: ``dynarch run CONFIG``, ``dynarch inspect RUN_DIR``,
+``dynarch ladder CONFIG --densities ...`` (:mod:`dynarch.ladder`) and ``dynarch rescue
+CONFIG`` (:mod:`dynarch.rescue`). Each override needs its own ``--set KEY=VALUE``.
+
+Exit codes: 0 done; 2 a problem the user can fix, found before anything trains (a bad
+config, override, option or path, a run directory that is taken or not writable, a growth
+section that could never grow the model), printed as one ``Error:`` line without a
+traceback; 1 missing or damaged data files.
 
 ``run`` validates the whole config before anything trains, then writes a run directory::
 
@@ -28,10 +34,21 @@ from typing import Any
 
 import click
 
-from .config import ConfigError, load_config
+from ._engine import count_params
+from .config import ConfigError, load_config, validate_config
 from .data import DataCorruptError, DataNotFoundError
 from .report import RUN_FILES as RUN_FILES
-from .report import UsageProblem, inspect_run
+from .report import (
+    UsageProblem,
+    _events_table,
+    _layers_table,
+    _pct,
+    _stopped_line,
+    active_params,
+    config_lines,
+    mask_counts,
+    read_jsonl,
+)
 from .report import event_rows as event_rows
 from .report import format_table as format_table
 from .rescue import METHODS as RESCUE_METHODS
@@ -42,6 +59,80 @@ from .runner import _splits as _splits
 from .runner import execute
 
 __all__ = ["execute", "inspect_run", "main"]
+
+
+def inspect_run(run_dir: str | Path) -> str:
+    """The report ``dynarch inspect`` prints for a run directory.
+
+    Example:
+        >>> inspect_run("/nonexistent")
+        Traceback (most recent call last):
+        ...
+        dynarch.report.UsageProblem: '/nonexistent' is not a run directory: it does not exist
+    """
+    root = Path(run_dir)
+    if root.is_file():
+        raise UsageProblem(
+            f"{str(root)!r} is a file, not a run directory (give the directory `dynarch run` "
+            "wrote, e.g. runs/demo-20250101-120000)"
+        )
+    if not root.is_dir():
+        raise UsageProblem(f"{str(root)!r} is not a run directory: it does not exist")
+    missing = [name for name in RUN_FILES if not (root / name).exists()]
+    kind = next((k for k in ("ladder", "rescue") if (root / f"{k}.json").is_file()), None)
+    if missing and kind is not None:  # a directory of runs: point at them
+        runs = sorted(p.name for p in (root / "runs").glob("*") if p.is_dir())
+        raise UsageProblem(
+            f"{str(root)!r} is a {kind} directory ({kind}.md has its table); inspect one of its "
+            f"runs: {', '.join(str(root / 'runs' / r) for r in runs[:3])}"
+            + (f" ({len(runs)} in all)" if len(runs) > 3 else "")
+        )
+    if missing:
+        raise UsageProblem(
+            f"{str(root)!r} is not a run directory: missing {', '.join(missing)} "
+            "(a run directory is written by `dynarch run`)"
+        )
+    from .checkpoint import load
+    from .models import layer_widths
+
+    cfg = validate_config(json.loads((root / "config.json").read_text()), source="config.json")
+    model = load(root / "checkpoint").model
+    summary_path = root / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    metrics = read_jsonl(root / "metrics.jsonl")
+    evals = [m for m in metrics if "val_loss" in m]
+    final = evals[-1] if evals else {}
+    start = summary.get("widths", {}).get("start")
+    counts = mask_counts(model)
+    density = {name: a / t for name, (a, t) in counts.items()}
+    params = f"{count_params(model)}"
+    if counts:
+        active, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
+        params += (
+            f" ({active_params(model)} active; masks keep {active} of {total} weights, "
+            f"density {active / total:.4f})"
+        )
+    parts = [
+        f"run {root}",
+        *config_lines(cfg),
+        "",
+        _layers_table(layer_widths(model), start, density, counts),
+        f"\nparameters      {params}",
+        f"final metrics   step {final.get('step', '-')}, epoch {final.get('epoch', '-')}, "
+        f"val loss {final.get('val_loss', float('nan')):.4f}, "
+        f"val acc {_pct(final.get('val_accuracy'))}"
+        if final
+        else "final metrics   none (no evaluation: train.max_steps ended the run mid-epoch)",
+        *(
+            [f"test acc        {_pct(test.get('val_accuracy'))} (scored once, at the end)"]
+            if (test := summary.get("test"))
+            else []
+        ),
+        *([_stopped_line(stop)] if (stop := summary.get("stopped_early")) else []),
+        "",
+        _events_table(event_rows(read_jsonl(root / "events.jsonl"), metrics)),
+    ]
+    return "\n".join(parts)
 
 
 # --------------------------------------------------------------------------------- click
@@ -63,8 +154,26 @@ _overrides = click.option(
     "overrides",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Override a config value, e.g. --set train.epochs=5 (repeatable).",
+    help="Override a config value, e.g. --set train.epochs=5; one --set per override.",
 )
+
+
+_EXTRA = {"allow_extra_args": True}  # extra arguments get a message of ours (_no_extra)
+
+
+def _no_extra(ctx: click.Context) -> None:
+    """Refuse leftover arguments; ``KEY=VALUE`` ones (``--set a=1 b=2``) are told that every
+    override needs its own ``--set``."""
+    if not ctx.args:
+        return
+    pairs = [a for a in ctx.args if "=" in a]
+    if pairs:
+        raise click.UsageError(
+            f"unexpected argument {pairs[0]!r}: give each override its own --set, e.g. "
+            + " ".join(f"--set {a}" for a in pairs),
+            ctx,
+        )
+    raise click.UsageError(f"unexpected extra argument(s): {' '.join(ctx.args)}", ctx)
 
 
 def _run_dir(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -75,19 +184,29 @@ def _run_dir(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     )  # fmt: skip
 
 
+# keys the ladder and the rescue set for each run themselves: a sparsity: section given only
+# for its other keys (--set sparsity.delta_t=20) need not name a density
+_PER_RUN = {"sparsity.density": 1.0}
+
+
 @click.group("dynarch", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version("dynarch"), prog_name="dynarch")
 def main() -> None:
     """dynarch: neural networks that grow, prune and rewire while they train."""
 
 
-@main.command()
+@main.command(context_settings=_EXTRA)
 @click.argument("config", type=click.Path(path_type=Path))
 @_overrides
 @_run_dir("run")
 @click.option("--no-progress", is_flag=True, help="Do not show a progress bar.")
-def run(config: Path, overrides: tuple[str, ...], run_dir: Path | None, no_progress: bool) -> None:
+@click.pass_context
+def run(
+    ctx: click.Context, config: Path, overrides: tuple[str, ...], run_dir: Path | None,
+    no_progress: bool,
+) -> None:  # fmt: skip
     """Train the experiment described by the YAML file CONFIG."""
+    _no_extra(ctx)
     with _cli_errors():
         cfg = load_config(config, overrides)
         if run_dir is not None:
@@ -107,7 +226,7 @@ def inspect(run_dir: Path) -> None:
         raise UsageProblem(f"cannot inspect {str(run_dir)!r}: {exc}") from None
 
 
-@main.command()
+@main.command(context_settings=_EXTRA)
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option(
     "--densities", required=True, metavar="D1,D2,...",
@@ -122,33 +241,38 @@ def inspect(run_dir: Path) -> None:
     "--tolerance", default=1.0, show_default=True,
     help="The cliff: the lowest density within this many accuracy points of dense.",
 )  # fmt: skip
+@click.option("--jobs", default=1, show_default=True, help="Worker processes (one thread each).")
 @_overrides
 @_run_dir("ladder")
 @click.option("--no-progress", is_flag=True, help="Do not show progress bars.")
+@click.pass_context
 def ladder(
-    config: Path, densities: str, methods: tuple[str, ...], seeds: int, tolerance: float,
-    overrides: tuple[str, ...], run_dir: Path | None, no_progress: bool,
+    ctx: click.Context, config: Path, densities: str, methods: tuple[str, ...], seeds: int,
+    tolerance: float, jobs: int, overrides: tuple[str, ...], run_dir: Path | None,
+    no_progress: bool,
 ) -> None:  # fmt: skip
     """Train CONFIG's architecture at each density and report where accuracy falls off."""
     import shlex
 
     from .ladder import parse_densities, run_ladder
 
+    _no_extra(ctx)
     with _cli_errors():
         dens = parse_densities(densities)
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, defaults=_PER_RUN)
         root = Path(run_dir if run_dir is not None else str(cfg.run_dir))
         argv = ["dynarch", "ladder", str(config), "--densities", densities]
         argv += [f"--method={m}" for m in methods] + [f"--seeds={seeds}"]
-        argv += [f"--tolerance={tolerance:g}", f"--run-dir={root}"]
-        argv += [f"--set={o}" for o in overrides]
+        argv += [f"--tolerance={tolerance:g}"] + ([f"--jobs={jobs}"] if jobs != 1 else [])
+        argv += [f"--run-dir={root}"] + [f"--set={o}" for o in overrides]
         run_ladder(
             cfg, dens, methods or ("static",), seeds=seeds, tolerance=tolerance, run_dir=root,
-            command=shlex.join(argv), progress=not no_progress, echo=click.echo,
+            command=shlex.join(argv), progress=not no_progress and jobs == 1, echo=click.echo,
+            jobs=jobs,
         )  # fmt: skip
 
 
-@main.command()
+@main.command(context_settings=_EXTRA)
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option(
     "--methods", default=",".join(RESCUE_METHODS), show_default=True, metavar="M1,M2,...",
@@ -171,9 +295,10 @@ def ladder(
 )  # fmt: skip
 @_overrides
 @_run_dir("runs")
+@click.pass_context
 def rescue(
-    config: Path, methods: str, density: float, budget: float, rewire: str, seeds: int,
-    jobs: int, out: Path | None, overrides: tuple[str, ...], run_dir: Path | None,
+    ctx: click.Context, config: Path, methods: str, density: float, budget: float, rewire: str,
+    seeds: int, jobs: int, out: Path | None, overrides: tuple[str, ...], run_dir: Path | None,
 ) -> None:  # fmt: skip
     """Cliff rescue: train CONFIG's model as a sub-cliff sparse scaffold with and without
     growth, against the dense model."""
@@ -181,8 +306,9 @@ def rescue(
 
     from .rescue import run_rescue
 
+    _no_extra(ctx)
     with _cli_errors():
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, defaults=_PER_RUN)
         root = Path(run_dir if run_dir is not None else str(cfg.run_dir))
         argv = ["dynarch", "rescue", str(config), f"--methods={methods}"]
         argv += [f"--density={density:g}", f"--budget={budget:g}", f"--rewire={rewire}"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -357,10 +357,25 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+def _fill(data: dict[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Set each dotted key of ``defaults`` whose section exists in ``data`` but lacks it."""
+    for dotted, value in defaults.items():
+        *parents, key = dotted.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and key not in node:
+            node[key] = value
+
+
+def load_config(
+    path: str | Path, overrides: Sequence[str] = (), *, defaults: Mapping[str, Any] | None = None
+) -> RunConfig:
     """Read a YAML config, apply ``key.sub=value`` overrides, validate everything.
 
     ``run_dir`` defaults to ``runs/<config stem>-<timestamp>`` (``-2``, … if that exists).
+    ``defaults`` (dotted keys) fill keys missing from sections that are present, e.g.
+    ``{"sparsity.density": 1.0}`` for a command that sets the density of each run itself.
 
     Example:
         >>> from importlib.resources import files
@@ -386,6 +401,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {data!r}")
     for override in overrides:
         apply_override(data, override)
+    _fill(data, defaults or {})
     cfg = validate_config(data, source=str(path))
     if cfg.run_dir is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

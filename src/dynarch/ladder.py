@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 import statistics
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from ._config_errors import suggest
 from ._images import save_figure
 from .config import ALGORITHMS, ConfigError, RunConfig, validate_config
 from .report import format_table
+from .runner import make_run_dir
 
 __all__ = [
     "LadderRun", "find_cliff", "ladder_markdown", "ladder_rows", "ladder_table",
@@ -95,8 +98,12 @@ fraction of weights kept, e.g. 1,0.5,0.1
             f"--densities: {text!r} does not include 1, the dense model the ladder and its "
             "cliff are measured against; e.g. 1,0.5,0.1"
         )
-    if len(set(values)) != len(values):
-        raise ConfigError(f"--densities: {text!r} lists a density twice")
+    twice = sorted({v for v in values if values.count(v) > 1}, reverse=True)
+    if twice:
+        raise ConfigError(
+            f"--densities: {text!r} lists {', '.join(f'{v:g}' for v in twice)} twice; give each "
+            "density once"
+        )
     return sorted(values, reverse=True)
 
 
@@ -138,6 +145,11 @@ def plan_ladder(
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds: {seeds!r} is not allowed; give the number of seeds, >= 1")
     methods = _check_methods(methods)
+    if cfg.growth is not None:
+        raise ConfigError(
+            "growth: the ladder trains one fixed architecture at each density, but the config "
+            "has a growth: section; remove it (e.g. --set growth=null)"
+        )
     base = cfg.model_dump(mode="json")
     sparsity = base.get("sparsity") or {}
     plan = []
@@ -335,6 +347,29 @@ def plot_ladder(ladder: Mapping[str, Any], out_png: str | Path) -> Path:
     return save_figure(fig, out_png)
 
 
+def _execute(run: LadderRun, progress: bool) -> dict[str, Any]:
+    """Train one rung (in this process or a worker) and return its row of ``ladder.json``."""
+    import torch
+
+    from .runner import execute
+
+    if mp.parent_process() is not None:  # a worker: one thread each
+        torch.set_num_threads(1)
+    summary = execute(run.config, progress=progress, echo=lambda s: None, plots=False)
+    accuracy = summary["final"].get("val_accuracy")
+    if accuracy is None:
+        raise ConfigError(
+            f"ladder run {run.name} ended without an evaluation (train.max_steps stopped it "
+            "mid-epoch?); the ladder compares final val accuracies"
+        )
+    return {
+        "name": run.name, "method": run.method, "density": run.density, "seed": run.seed,
+        "accuracy": accuracy, "best_accuracy": summary["best"].get("val_accuracy"),
+        "seconds": summary["seconds"], "params": summary["params"]["end"],
+        "active_params": summary["params"]["active"], "run_dir": summary["run_dir"],
+    }  # fmt: skip
+
+
 def run_ladder(
     cfg: RunConfig,
     densities: Sequence[float],
@@ -346,9 +381,12 @@ def run_ladder(
     command: str = "",
     progress: bool = False,
     echo: Callable[[str], None] = print,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train the ladder, write ``ladder.json``/``.md``/``.png`` to ``run_dir`` (default:
     ``cfg.run_dir``) and return the ``ladder.json`` dict. Every config is checked first.
+    ``jobs`` > 1 trains the runs in that many worker processes (spawn, one thread each);
+    the result does not depend on it.
 
     Example:
         >>> cfg = validate_config({"data": {"n_train": 128, "n_test": 64},
@@ -358,10 +396,10 @@ def run_ladder(
         >>> sorted(ladder["cliff"]), [r["name"] for r in ladder["runs"]]
         (['static'], ['dense-s0', 'static-d0.5-s0'])
     """
-    from .runner import execute
-
     densities = parse_densities(list(densities))
     _check_tolerance(tolerance)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs: {jobs!r} is not allowed; give the number of processes, >= 1")
     root = Path(run_dir if run_dir is not None else cfg.run_dir or "runs/ladder")
     if (root / "ladder.json").exists():
         raise ConfigError(f"{str(root)!r} already holds a ladder (ladder.json); choose another")
@@ -370,24 +408,22 @@ def run_ladder(
     taken = [r.name for r in plan if (root / "runs" / r.name / "config.json").exists()]
     if taken:
         raise ConfigError(f"{str(root)!r} already holds runs {taken}; choose another --run-dir")
-    runs = []
-    for i, run in enumerate(plan, 1):
-        summary = execute(run.config, progress=progress, echo=lambda s: None, plots=False)
-        accuracy = summary["final"].get("val_accuracy")
-        if accuracy is None:
-            raise ConfigError(
-                f"ladder run {run.name} ended without an evaluation (train.max_steps stopped it "
-                "mid-epoch?); the ladder compares final val accuracies"
-            )
-        runs.append({
-            "name": run.name, "method": run.method, "density": run.density, "seed": run.seed,
-            "accuracy": accuracy, "best_accuracy": summary["best"].get("val_accuracy"),
-            "seconds": summary["seconds"], "params": summary["params"]["end"],
-            "active_params": summary["params"]["active"], "run_dir": summary["run_dir"],
-        })  # fmt: skip
-        active = summary["params"]["active"]
-        echo(f"[{i}/{len(plan)}] {run.name:<24} val acc {100 * accuracy:6.2f}%  "
-             f"{active} active params  {summary['seconds']:.1f} s")  # fmt: skip
+    make_run_dir(root, "--run-dir")
+    if jobs == 1:
+        done: Any = (_execute(run, progress) for run in plan)
+    else:
+        pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+        done = (f.result() for f in as_completed([pool.submit(_execute, r, False) for r in plan]))
+    rows: dict[str, dict[str, Any]] = {}
+    try:
+        for i, row in enumerate(done, 1):
+            rows[row["name"]] = row
+            echo(f"[{i}/{len(plan)}] {row['name']:<24} val acc {100 * row['accuracy']:6.2f}%  "
+                 f"{row['active_params']} active params  {row['seconds']:.1f} s")  # fmt: skip
+    finally:
+        if jobs > 1:
+            pool.shutdown(cancel_futures=True)
+    runs = [rows[run.name] for run in plan]  # in plan order, however the workers finished
     cliffs = find_cliff(runs, tolerance)
     ladder = {
         "command": command, "config": cfg.model_dump(mode="json"), "densities": densities,

@@ -14,6 +14,10 @@ callbacks that grow the model as it asks — one trigger (``plateau`` on ``monit
 
 The budget (``max_params``) is a :class:`~dynarch.triggers.Budget` over active parameters;
 a fraction is taken of the model's dense parameter count at the time the callbacks are built.
+Growth events carry the trigger as their reason (``plateau(val_loss)``, ``every(val_loss)``;
+``tournament:`` in front for the tournament). :func:`check_growth` refuses, before a run
+starts, a ``growth:`` section that could never grow the model (a budget at or below the
+model's active parameters at the start, patches without masks, no usable tournament candidate).
 
 Example:
     >>> from dynarch.config import GrowthConfig
@@ -27,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -35,9 +40,9 @@ from torch import Tensor, nn
 from ._config_growth import GrowthConfig
 from ._engine import count_params, engine_state
 from .callbacks import Callback
-from .config import ConfigError, growth_targets
+from .config import ConfigError, RunConfig, growth_targets
 
-__all__ = ["growth_callbacks", "held_out"]
+__all__ = ["check_growth", "growth_callbacks", "held_out", "start_active_params"]
 
 
 def held_out(train: tuple[Tensor, Tensor], n: int, model: nn.Module) -> tuple[Tensor, Tensor]:
@@ -94,6 +99,96 @@ def growth_callbacks(
     ]  # fmt: skip
 
 
+def start_active_params(cfg: RunConfig, model: nn.Module) -> int:
+    """The active parameters ``model`` (built for ``cfg``, not yet sparse) will have once the
+    run's ``sparsity:`` masks it (the exact per-layer counts of
+    :func:`dynarch.budgets.layer_budgets`); its parameter count for a dense run.
+
+    Example:
+        >>> from dynarch.config import validate_config
+        >>> from dynarch.models import mlp
+        >>> cfg = validate_config({"sparsity": {"density": 0.5, "distribution": "uniform"}})
+        >>> start_active_params(cfg, mlp(8, [16], 3))  # 8*16 + 16*3 weights at 50%, 19 biases
+        107
+    """
+    from .budgets import layer_budgets
+    from .masks import select_layers
+
+    total = count_params(model)
+    sp = cfg.sparsity
+    if sp is None:
+        return total
+    weights = {n: m.weight for n, m in select_layers(model).items()}
+    shapes = {n: tuple(w.shape) for n, w in weights.items() if isinstance(w, Tensor)}
+    kept = layer_budgets(shapes, sp.density, sp.distribution)
+    return total - sum(math.prod(s) for s in shapes.values()) + sum(kept.values())
+
+
+def _unusable(candidate: str, cfg: RunConfig) -> str | None:
+    """Why a tournament candidate can never apply to ``cfg``'s model (None: it can)."""
+    layernorm = getattr(cfg.model, "layernorm", False)
+    if candidate == "patch" and cfg.sparsity is None:
+        return "'patch' needs masks (a sparsity: section)"
+    if candidate == "widen" and layernorm:
+        return "'widen' cannot keep the function of a layer followed by LayerNorm"
+    return None
+
+
+def check_growth(cfg: RunConfig, model: nn.Module) -> None:
+    """Refuse (:class:`~dynarch.config.ConfigError`) a ``growth:`` section that could never
+    grow ``model`` (built for ``cfg``): policy ``patches`` without a ``sparsity:`` section, a
+    tournament none of whose candidates applies, or a ``max_params`` budget at or below the
+    active parameters the model starts with.
+
+    Example:
+        >>> from dynarch.config import validate_config
+        >>> from dynarch.models import mlp
+        >>> cfg = validate_config({"growth": {"max_params": 0.5}})
+        >>> check_growth(cfg, mlp(8, [16], 3))
+        Traceback (most recent call last):
+        ...
+        dynarch.config.ConfigError: growth.max_params: 0.5 caps the active parameters at 97, \
+but the model starts with 195 (dense), so it could never grow; a fraction (<= 1) of a dense \
+model leaves no room: give a count above 195 (e.g. 390) or add a sparsity: section
+    """
+    g = cfg.growth
+    if g is None:
+        return
+    if g.policy == "patches" and cfg.sparsity is None:
+        raise ConfigError(
+            "growth.policy: 'patches' turns on connections in the masks of a sparse model, but "
+            "this model has no masks; add a sparsity: section (e.g. sparsity: {density: 0.1}) "
+            "or use policy widen or tournament"
+        )
+    if g.policy == "tournament":
+        why = [w for c in g.candidates if (w := _unusable(c, cfg)) is not None]
+        if len(why) == len(g.candidates):
+            raise ConfigError(
+                f"growth.candidates: {list(g.candidates)} has no candidate this model can use "
+                f"({'; '.join(why)}); add 'insert' or 'skip'"
+            )
+    dense = count_params(model)
+    cap = g.budget(dense)
+    if cap is None:
+        return
+    start = start_active_params(cfg, model)
+    if cap > start:
+        return
+    sp = cfg.sparsity
+    what = "dense" if sp is None else f"at sparsity.density {sp.density:g}"
+    if sp is None:
+        fix = (
+            "a fraction (<= 1) of a dense model leaves no room: give a count above "
+            f"{start} (e.g. {2 * start}) or add a sparsity: section"
+        )
+    else:
+        fix = f"give a fraction above {start / dense:.4g} or a count above {start}"
+    raise ConfigError(
+        f"growth.max_params: {g.max_params:g} caps the active parameters at {cap}, but the "
+        f"model starts with {start} ({what}), so it could never grow; {fix}"
+    )
+
+
 def _tournament(cfg: GrowthConfig, model: nn.Module, train: Any, budget: Any) -> Callback:
     from .growth.actions import BudgetEconomy
     from .growth.tournament import Tournament, TournamentCallback
@@ -105,6 +200,7 @@ def _tournament(cfg: GrowthConfig, model: nn.Module, train: Any, budget: Any) ->
     tournament = Tournament(
         model, data=held_out(pair, 1024, model), candidates=list(cfg.candidates),
         economy=economy, patch_size=cfg.patch_size, monitor=None,
+        reason=f"tournament:{cfg.trigger}({cfg.monitor})",
     )  # fmt: skip
     every, patience = (cfg.every, None) if cfg.trigger == "every" else (None, cfg.patience)
     return TournamentCallback(

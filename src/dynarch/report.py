@@ -1,7 +1,7 @@
 """Plain-text reports of runs: the tables ``dynarch run`` prints and ``dynarch inspect``.
 
 Everything here reads a config, ``summary.json`` or a run directory and returns text; nothing
-trains. :func:`inspect_run` is the whole ``dynarch inspect`` report.
+trains. :func:`dynarch.cli.inspect_run` puts them together for ``dynarch inspect``.
 
 Example:
     >>> print(format_table(["op", "step"], [["widen", 120], ["prune", 80]]))
@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from ._engine import count_params
-from .config import RunConfig, validate_config
-from .models import layer_widths
+from .config import RunConfig
 
 __all__ = [
     "RUN_FILES",
@@ -33,7 +32,6 @@ __all__ = [
     "config_lines",
     "event_rows",
     "format_table",
-    "inspect_run",
     "mask_counts",
     "read_jsonl",
     "summary_text",
@@ -55,7 +53,7 @@ class UsageProblem(click.ClickException):
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain-text table; numbers are right-aligned.
+    """A plain-text table; numbers are right-aligned (``None`` cells print as ``-``).
 
     Example:
         >>> print(format_table(["layer", "width"], [["fc1", 32]]))
@@ -65,7 +63,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """
     cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(_is_number(r[i]) for r in rows) and bool(rows) for i in range(len(headers))]
+    numeric = [
+        any(r[i] is not None for r in rows) and all(r[i] is None or _is_number(r[i]) for r in rows)
+        for i in range(len(headers))
+    ]
 
     def line(row: Sequence[str]) -> str:
         parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)]
@@ -126,10 +127,23 @@ def config_lines(cfg: RunConfig) -> list[str]:
         lines.append("growth     " + _growth_line(cfg.growth))
     if (sp := cfg.sparsity) is not None:
         how = "static" if sp.algorithm == "static" else (
-            f"{sp.algorithm} every {sp.delta_t} steps, drop fraction {sp.drop_fraction:g}"
+            f"{sp.algorithm} every {sp.delta_t} steps, drop fraction {sp.drop_fraction:g} "
+            f"({sp.anneal} anneal)"
+            + ("" if sp.t_end is None else f", until {_until(sp.t_end)}")
+            + ("" if sp.regrow_init == "zero" else f", regrown weights {sp.regrow_init}")
         )  # fmt: skip
         lines.append(f"sparsity   density {sp.density:g} ({sp.distribution}), {how}")
     return lines
+
+
+def _until(t_end: float) -> str:
+    """``10`` -> ``"step 10"``, ``0.75`` -> ``"75% of the steps"`` (sparsity.t_end).
+
+    Example:
+        >>> _until(10), _until(0.75)
+        ('step 10', '75% of the steps')
+    """
+    return f"step {t_end}" if isinstance(t_end, int) else f"{100 * t_end:g}% of the steps"
 
 
 def _growth_line(g: Any) -> str:
@@ -173,11 +187,10 @@ def event_rows(events: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> l
         before = [m["val_accuracy"] for m in evals if m["step"] <= ev["step"]]
         after = [m["val_accuracy"] for m in evals if m["step"] > ev["step"]]
         details = ev.get("details") or {}
-        change = None
+        change, moved = _growth_change(ev["op"], details), None
         if "old_width" in details and "new_width" in details:
             change = f"{details['old_width']}->{details['new_width']}"
-        layers = [v for v in details.values() if isinstance(v, dict)]
-        moved = None
+        layers = [v for v in details.values() if isinstance(v, dict) and change is None]
         if any("dropped" in v or "regrown" in v for v in layers):  # a mask update
             moved = [sum(v.get(k, 0) for v in layers) for k in ("dropped", "regrown")]
             change = f"-{moved[0]} +{moved[1]}"
@@ -192,6 +205,27 @@ def event_rows(events: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> l
         }
         rows.append(row)
     return rows
+
+
+def _growth_change(op: str, details: dict[str, Any]) -> str | None:
+    """The change column of a growth event: connections a patch turned on, the path of a
+    skip, the layer a deepen inserted, the candidate a tournament chose (None: another op).
+
+    Example:
+        >>> _growth_change("patch", {"added": 55, "layers": {}})
+        '+55 connections'
+        >>> _growth_change("tournament", {"chosen": "skip:act1->out", "candidates": [{}, {}]})
+        'chose skip:act1->out of 2'
+    """
+    if op == "patch" and isinstance(details.get("added"), int):
+        return f"+{details['added']} connections"
+    if op == "skip" and "source" in details and "target" in details:
+        return f"{details['source']}->{details['target']}"
+    if op == "deepen" and details.get("inserted"):
+        return f"inserted {details['inserted'][0]}"
+    if op == "tournament" and details.get("chosen"):
+        return f"chose {details['chosen']} of {len(details.get('candidates') or [])}"
+    return None
 
 
 def _collapse_updates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -317,7 +351,7 @@ def summary_text(s: dict[str, Any]) -> str:
         <BLANKLINE>
         parameters      10 -> 14
         final val acc   75.00% (val loss 0.5000, step 20)
-        best val acc    None
+        best val acc    -
         trained         20 steps in 1.2 s
         <BLANKLINE>
         no structural events
@@ -332,14 +366,17 @@ def summary_text(s: dict[str, Any]) -> str:
         "",
         f"parameters      {p['start']} -> {p['end']}{active}",
         f"final val acc   {_pct(final.get('val_accuracy'))} "
-        f"(val loss {final.get('val_loss', float('nan')):.4f}, step {final.get('step', '-')})",
-        f"best val acc    {_pct(s['best'].get('val_accuracy'))}",
+        f"(val loss {final.get('val_loss', float('nan')):.4f}, step {final.get('step', '-')})"
+        if final
+        else "final val acc   - (no evaluation: train.max_steps ended the run mid-epoch)",
+        f"best val acc    {_pct(s['best'].get('val_accuracy')) or '-'}",
         *(
             [f"test acc        {_pct(s['test'].get('val_accuracy'))} (scored once, at the end)"]
             if s.get("test")
             else []
         ),
         f"trained         {s['steps']} steps in {s['seconds']:.1f} s",
+        *([_stopped_line(stop)] if (stop := s.get("stopped_early")) else []),
         "",
         _events_table(s["events"]),
         "",
@@ -348,53 +385,15 @@ def summary_text(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def inspect_run(run_dir: str | Path) -> str:
-    """The report ``dynarch inspect`` prints for a run directory.
+def _stopped_line(stop: dict[str, Any]) -> str:
+    """The summary line of a run that early stopping ended.
 
     Example:
-        >>> inspect_run("/nonexistent")
-        Traceback (most recent call last):
-        ...
-        dynarch.report.UsageProblem: '/nonexistent' is not a run directory: it does not exist
+        >>> _stopped_line({"epoch": 1, "of": 5, "monitor": "val_loss", "patience": 1})
+        'stopped early   after epoch 2 of 5: val_loss did not improve for 1 evaluation'
     """
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise UsageProblem(f"{str(root)!r} is not a run directory: it does not exist")
-    missing = [name for name in RUN_FILES if not (root / name).exists()]
-    if missing:
-        raise UsageProblem(
-            f"{str(root)!r} is not a run directory: missing {', '.join(missing)} "
-            "(a run directory is written by `dynarch run`)"
-        )
-    from .checkpoint import load
-
-    cfg = validate_config(json.loads((root / "config.json").read_text()), source="config.json")
-    model = load(root / "checkpoint").model
-    summary_path = root / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    metrics = read_jsonl(root / "metrics.jsonl")
-    evals = [m for m in metrics if "val_loss" in m]
-    final = evals[-1] if evals else {}
-    start = summary.get("widths", {}).get("start")
-    counts = mask_counts(model)
-    density = {name: a / t for name, (a, t) in counts.items()}
-    params = f"{count_params(model)}"
-    if counts:
-        active, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
-        params += (
-            f" ({active_params(model)} active; masks keep {active} of {total} weights, "
-            f"density {active / total:.4f})"
-        )
-    parts = [
-        f"run {root}",
-        *config_lines(cfg),
-        "",
-        _layers_table(layer_widths(model), start, density, counts),
-        f"\nparameters      {params}",
-        f"final metrics   step {final.get('step', '-')}, epoch {final.get('epoch', '-')}, "
-        f"val loss {final.get('val_loss', float('nan')):.4f}, "
-        f"val acc {_pct(final.get('val_accuracy'))}",
-        "",
-        _events_table(event_rows(read_jsonl(root / "events.jsonl"), metrics)),
-    ]
-    return "\n".join(parts)
+    n = stop["patience"]
+    return (
+        f"stopped early   after epoch {stop['epoch'] + 1} of {stop['of']}: {stop['monitor']} "
+        f"did not improve for {n} evaluation{'' if n == 1 else 's'}"
+    )

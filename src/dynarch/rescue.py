@@ -48,6 +48,7 @@ from typing import Any
 
 from ._config_errors import suggest
 from .config import ConfigError, RunConfig, validate_config
+from .runner import make_run_dir
 
 __all__ = ["METHODS", "RescueRun", "plan_rescue", "rescue_markdown", "run_rescue"]
 
@@ -134,6 +135,51 @@ def plan_rescue(
     return plan
 
 
+def _check_data_and_budget(
+    cfg: RunConfig, plan: Sequence[RescueRun], density: float, budget: float
+) -> None:
+    """Before anything trains: the validation split leaves training samples, and the growth
+    runs' ``budget`` is above the active parameters of the scaffold (biases count too)."""
+    from ._engine import count_params
+    from .models import build_model
+    from .policies import start_active_params
+    from .runner import _load_data
+
+    first = plan[0].config
+    whole = first.model_copy(update={"data": first.data.model_copy(update={"n_val": 0})})
+    data = _load_data(whole, progress=False)  # the training set before the split
+    n, n_val = len(data.train_y), first.data.n_val
+    if n_val >= n:
+        default = "" if cfg.data.n_val else " (the rescue's default validation split)"
+        raise ConfigError(
+            f"data.n_val: {n_val}{default} leaves no training samples (the training set has "
+            f"{n}); use fewer, e.g. --set data.n_val={max(1, n // 10)}"
+        )
+    grown = next((r for r in plan if r.config.growth is not None), None)
+    if grown is None:
+        return
+    try:
+        model = build_model(grown.config.model, data.input_shape, data.num_classes)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    assert grown.config.growth is not None
+    dense = count_params(model)
+    cap, start = grown.config.growth.budget(dense), start_active_params(grown.config, model)
+    if cap is not None and cap <= start:
+        raise ConfigError(
+            f"--budget {budget:g} allows {cap} active parameters, but the scaffold at --density "
+            f"{density:g} starts with {start} (biases and norms count), so growth would have no "
+            f"room; give a budget above {start / dense:.4g}"
+        )
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must name a file in a directory that exists (or can be made) and is writable."""
+    if out.is_dir():
+        raise ConfigError(f"--out: {str(out)!r} is a directory; give a file name, e.g. rescue.json")
+    make_run_dir(out.parent, "--out")
+
+
 def _execute(run: RescueRun) -> dict[str, Any]:
     """Train one run in this (worker) process; its result row."""
     import torch
@@ -210,6 +256,10 @@ def run_rescue(
                        rewire=rewire, root=root)  # fmt: skip
     if "dense" not in {r.method for r in plan}:
         raise ConfigError("--methods must include dense: the rescue is measured against it")
+    _check_data_and_budget(cfg, plan, density, budget)
+    if out is not None:
+        _check_out(Path(out))
+    make_run_dir(root, "--run-dir")
     payload: dict[str, Any] = {
         "command": command, "config": cfg.model_dump(mode="json"), "density": density,
         "budget": budget, "rewire": rewire, "dense_accuracy": None, "dense_weights": None,

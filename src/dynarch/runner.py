@@ -11,6 +11,7 @@ directory: ``config.json``, ``metrics.jsonl``, ``events.jsonl``, ``checkpoint/``
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from .config import ConfigError, RunConfig, build_optimizer
 from .models import build_model, layer_widths
 from .report import config_lines, event_rows, read_jsonl, summary_text
 
-__all__ = ["RewireFromStart", "SparsifyAtStart", "execute"]
+__all__ = ["RewireFromStart", "SparsifyAtStart", "execute", "idle_settings", "make_run_dir"]
 
 
 class SparsifyAtStart(Callback):
@@ -217,20 +218,27 @@ def execute(
     callbacks = _sparsity_callbacks(cfg)
     train_data, eval_data = _splits(cfg, data)
     if cfg.growth is not None:
-        from .policies import growth_callbacks
+        from .policies import check_growth, growth_callbacks
 
+        check_growth(cfg, model)
         train_pair = train_data if eval_data is not None else (data.train_x, data.train_y)
         callbacks += growth_callbacks(cfg.growth, model, train_pair)
     if cfg.optimizer.schedule == "cosine":
         callbacks.append(CosineLR())
+    stopper = None
     if (es := cfg.train.early_stopping) is not None:
-        callbacks.append(
-            EarlyStopping(es.monitor, patience=es.patience, min_delta=es.min_delta, mode=es.mode)
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+        stopper = EarlyStopping(es.monitor, patience=es.patience, min_delta=es.min_delta,
+                                mode=es.mode)  # fmt: skip
+        callbacks.append(stopper)
+    config_json = json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n"
+    make_run_dir(run_dir, "run_dir")
+    (run_dir / "config.json").write_text(config_json)
     widths_start, params_start = layer_widths(model), count_params(model)
     echo("\n".join(config_lines(cfg)))
+    n_train = len(data.train_y) - cfg.data.n_val  # the training split
+    batches = -(-n_train // cfg.train.batch_size)
+    for line in idle_settings(cfg, batches):
+        echo(f"note       {line}")
     echo(f"run dir    {run_dir}\n")
     t = cfg.train
     started, threads = time.perf_counter(), torch.get_num_threads()
@@ -268,6 +276,10 @@ def execute(
         "density": layer_density(trainer.model),
         "final": evals[-1] if evals else {},
         "best": dict(trainer.best),
+        "stopped_early": None if stopper is None or stopper.stopped_epoch is None else {
+            "epoch": stopper.stopped_epoch, "of": t.epochs, "monitor": stopper.monitor,
+            "patience": stopper.plateau.patience,
+        },
         "test": test,
         "events": event_rows(read_jsonl(run_dir / "events.jsonl"), metrics),
     }  # fmt: skip
@@ -281,6 +293,80 @@ def execute(
         write_run_plots(run_dir)
     echo(summary_text(summary))
     return summary
+
+
+def idle_settings(cfg: RunConfig, batches: int) -> list[str]:
+    """Settings of ``cfg`` that can never act in a run of ``batches`` steps an epoch (a mask
+    never rewired, a growth trigger that never fires), each as a sentence; ``dynarch run``
+    prints them as notes before it trains.
+
+    Example:
+        >>> from dynarch.config import validate_config
+        >>> cfg = validate_config({"train": {"epochs": 2}, "growth": {"patience": 2},
+        ...                        "sparsity": {"density": 0.5, "algorithm": "set"}})
+        >>> for line in idle_settings(cfg, 30):
+        ...     print(line)
+        sparsity.delta_t 100 >= the run's 60 optimizer steps: the set mask is never rewired
+        growth.patience 2 needs more than the run's 2 evaluations: the plateau trigger never fires
+    """
+    t, notes = cfg.train, []
+    steps = t.epochs * batches if t.max_steps is None else min(t.epochs * batches, t.max_steps)
+    epochs = t.epochs if t.max_steps is None else min(t.epochs, t.max_steps // batches)
+    evals = sum((e + 1) % t.eval_every_epochs == 0 or e + 1 == t.epochs for e in range(epochs))
+    sp = cfg.sparsity
+    if sp is not None and sp.algorithm != "static":
+        t_end = sp.t_end if not isinstance(sp.t_end, float) else max(1, round(sp.t_end * steps))
+        if sp.delta_t >= steps:
+            notes.append(
+                f"sparsity.delta_t {sp.delta_t} >= the run's {steps} optimizer steps: the "
+                f"{sp.algorithm} mask is never rewired"
+            )
+        elif t_end is not None and t_end <= sp.delta_t:
+            notes.append(
+                f"sparsity.t_end {sp.t_end} ({t_end} steps) is not after the first update at "
+                f"step {sp.delta_t}: the {sp.algorithm} mask is never rewired"
+            )
+    g = cfg.growth
+    if g is not None and g.trigger == "every" and g.every > evals:
+        notes.append(
+            f"growth.every {g.every} is more than the run's {evals} evaluations: the every "
+            "trigger never fires"
+        )
+    elif g is not None and g.trigger == "plateau" and g.patience >= evals:
+        notes.append(
+            f"growth.patience {g.patience} needs more than the run's {evals} evaluations: the "
+            "plateau trigger never fires"
+        )
+    return notes
+
+
+def make_run_dir(path: Path, what: str) -> None:
+    """Create directory ``path`` (and its parents) and check that it is writable; a
+    :class:`~dynarch.config.ConfigError` naming ``what`` (e.g. ``--out``) when it cannot be.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile() as f:  # a directory under a file
+        ...     make_run_dir(Path(f.name) / "run", "--run-dir")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        dynarch.config.ConfigError: --run-dir: cannot create '.../run': Not a directory; ...
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"{what}: cannot create {str(path)!r}: {exc.strerror or exc}; choose a writable "
+            "directory"
+        ) from None
+    try:  # a real write: permission bits say nothing for root or on special file systems
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{what}: cannot write in {str(path)!r}: {exc.strerror or exc}; choose a writable "
+            "directory"
+        ) from None
 
 
 def _save_checkpoint(path: Path, trainer: Any, cfg: RunConfig) -> None:
