@@ -396,7 +396,7 @@ def test_grow_where_a_gradient_spike_points_skips_the_output_layer(kind: str) ->
     model = build()
     spike = GradientVarianceSpike(model, k=0.1, warmup=1)
     grow = GrowAsNeeded(spike, "widen", amount=1)
-    trainer(model, x, [spike.callback(), grow]).fit()
+    trainer(model, x, [spike.callback(), grow], epochs=5).fit()
     grown = [n for a in grow.attempts for n in a["grown"]]
     assert grown and LAYERS[kind][-1] not in grown
     assert model(x).shape == (32, 3)
@@ -938,6 +938,6 @@ def test_a_pruned_place_refuses_growth_through_the_coupled_group() -> None:
     assert embargo.allowed("stem", 9) is True  # stem itself was not pruned
     grow = GrowAsNeeded(Plateau(patience=1, threshold=10.0), "widen", layers=["stem"], amount=1,
                         embargo=embargo)  # fmt: skip
-    trainer(model, X, [grow, embargo], epochs=2).fit()
+    trainer(model, X, [grow, embargo], epochs=3).fit()  # the plateau fires at evaluation 2
     assert [a["embargoed"] for a in grow.attempts] == [["stem"]]
     assert model.stem.out_features == 16

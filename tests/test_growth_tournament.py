@@ -265,6 +265,14 @@ def test_callback_runs_every_n_evaluations_with_the_trainer_optimizer() -> None:
     assert fresh.state_dict() == {"evaluations": 3, "rounds": 2, "plateau": None}
 
 
+def test_callback_does_not_grow_after_the_last_step() -> None:
+    model = _model()
+    cb = TournamentCallback(_tournament(model, candidates=("widen",)), every=1)
+    _trainer(model, cb, epochs=2).fit()  # the second evaluation follows the last step
+    assert (cb.evaluations, cb.rounds) == (2, 1)
+    assert [e.op for e in dynarch.history(model)] == ["widen", "tournament"]
+
+
 def test_callback_on_plateau() -> None:
     model = _model()
     t = _tournament(model, candidates=("insert",))

@@ -111,7 +111,7 @@ def test_cycle_with_function_prune_and_every() -> None:
 def test_inner_callbacks_get_hooks_only_in_their_phase() -> None:
     model = net()
     t = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), DATA, eval=DATA,
-                progress=False)  # fmt: skip
+                epochs=100, progress=False)  # fmt: skip
     trig = Always()
     grow = GrowAsNeeded(trig, "widen", layers=["fc1"], amount=1)
     seen: list[int] = []

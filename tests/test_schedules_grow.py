@@ -69,6 +69,8 @@ def net() -> nn.Sequential:
 
 
 def trainer(model: nn.Module, callbacks: Sequence[Callback] = (), **kw: Any) -> Trainer:
+    # tests below drive steps by hand: a long horizon keeps them before the run's last step
+    kw.setdefault("epochs", 100)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     return Trainer(model, opt, DATA, eval=DATA, batch_size=16, progress=False,
                    callbacks=callbacks, **kw)  # fmt: skip
@@ -322,3 +324,22 @@ def test_resume_mid_run_is_identical(tmp_path: Path) -> None:
 
 def _saved(path: Path) -> bytes:
     return (path / "state.pt").read_bytes()
+
+
+def test_no_growth_at_the_evaluation_after_the_last_step() -> None:
+    from dynarch.callbacks import GrowOnPlateau, training_done
+    from dynarch.triggers import Every
+
+    model = net()
+    grow = GrowAsNeeded(Every(1), "widen", layers=["fc1"], amount=1)
+    t = trainer(model, [grow], epochs=3)  # 4 steps per epoch: evaluations at 4, 8 and 12
+    t.fit()
+    assert t.total_steps == 12 and training_done(t)
+    assert [(e.op, e.step) for e in engine_state(model).history] == [("widen", 4), ("widen", 8)]
+    assert model.fc1.out_features == 12
+    # the older GrowOnPlateau: the plateau fires at the second evaluation (step 8)
+    for kw, grown in (({"epochs": 2}, []), ({"epochs": 3, "max_steps": 9}, [("widen", 8)])):
+        model = net()
+        old = GrowOnPlateau(["fc1"], patience=1, threshold=10.0)
+        trainer(model, [old], **kw).fit()  # step 8 is the last step of the first run only
+        assert [(e.op, e.step) for e in engine_state(model).history] == grown

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HOOKS", "At", "Callback", "CosineLR", "EarlyStopping", "GrowOnPlateau", "LambdaCallback",
+    "training_done",
 ]  # fmt: skip
 
 HOOKS = (
@@ -92,6 +93,20 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
+
+
+def training_done(trainer: Any) -> bool:
+    """Whether ``trainer`` has run every step of its fit: the evaluation after the last step
+    must not grow, since no step would train what it adds (growth callbacks check this).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> training_done(SimpleNamespace(step=10, total_steps=10)), training_done(
+        ...     SimpleNamespace(step=9, total_steps=10))
+        (True, False)
+    """
+    total = getattr(trainer, "total_steps", None)
+    return isinstance(total, int) and trainer.step >= total
 
 
 def _monitored(owner: str, monitor: str, metrics: dict[str, float]) -> float:
@@ -286,7 +301,7 @@ class GrowOnPlateau(Callback):
         if self.cooldown_left > 0:
             self.cooldown_left -= 1
             return
-        if self.trigger.update(value):
+        if self.trigger.update(value) and not training_done(trainer):
             self.grow(trainer)
 
     def grow(self, trainer: Trainer) -> list[Event]:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from .._engine import engine_state, transaction
 from .._validate import check_int, check_model, check_optimizer
 from ..activity import Extrema, forward_layers, post_activation, try_analyse
-from ..callbacks import Callback
+from ..callbacks import Callback, training_done
 from ..events import Event
 from ..graph import ModelGraph
 from ..masks import MASK
@@ -388,7 +388,7 @@ class TournamentCallback(Callback):
                     f"{sorted(metrics)}; set monitor= to one of those"
                 )
             due = self.plateau.update(metrics[self.monitor]) or due
-        if due:
+        if due and not training_done(trainer):  # after the last step nothing would train it
             if self.tournament.run(trainer.optimizer) is not None:
                 self.rounds += 1
             if self.plateau is not None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..callbacks import Callback, _monitored
+from ..callbacks import Callback, _monitored, training_done
 from ..events import Event
 from ..remap import out_units
 from ..triggers import CreditEconomy, Trigger, check_state, make_trigger
@@ -323,8 +323,8 @@ class GrowAsNeeded(Callback):
         if self.cooldown_left > 0:
             self.cooldown_left -= 1
             return
-        if self.trigger.update(value):
-            self.grow(trainer)
+        if self.trigger.update(value) and not training_done(trainer):
+            self.grow(trainer)  # never after the last step: nothing would train the growth
 
     def grow(self, trainer: Trainer) -> list[Event]:
         """Run the action now (whatever the trigger says); returns the events (may be empty)."""
