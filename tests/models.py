@@ -246,3 +246,31 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], list[str]]] = {
     "functional": (functional_cnn, (3, 3, 8, 8), ["conv", "fc1"]),
     "variants": (variants, (4, 3, 8, 8), ["conv1", "conv2", "fc_a", "fc_b"]),
 }
+
+
+class Inner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 12)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(12, 16)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Custom(nn.Module):
+    """``head(relu(stem(x)) + block(relu(stem(x))))``: ``stem`` and ``block.fc2`` coupled by a
+    residual add (built from seed 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(6, 16)
+        self.act = nn.ReLU()
+        self.block = Inner()
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.stem(x))
+        return self.head(h + self.block(h))

@@ -70,6 +70,7 @@ from dynarch.triggers import (
     any_of,
     make_trigger,
 )
+from models import Custom
 
 # ---------------------------------------------------------------- the four model kinds
 
@@ -87,32 +88,6 @@ def cnn() -> nn.Sequential:
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(8 * 4 * 4, 10), nn.ReLU(), nn.Linear(10, 3),
     )  # fmt: skip
-
-
-class Inner(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 12)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(12, 16)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Custom(nn.Module):
-    """``head(relu(stem(x)) + block(relu(stem(x))))``: ``stem`` and ``block.fc2`` coupled."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Linear(6, 16)
-        self.act = nn.ReLU()
-        self.block = Inner()
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(16, 3))
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.stem(x))
-        return self.head(h + self.block(h))
 
 
 def custom() -> Custom:

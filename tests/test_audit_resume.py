@@ -58,6 +58,7 @@ from dynarch.sparse import SET, RigL
 from dynarch.surgery import shrink, widen
 from dynarch.train import Trainer
 from dynarch.triggers import CreditEconomy, Every
+from models import Custom
 
 # ---------------------------------------------------------------- models and data
 
@@ -76,33 +77,6 @@ def cnn() -> nn.Sequential:
         nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 4 * 4, 10), nn.ReLU(), nn.Linear(10, 3),
     )  # fmt: skip
-
-
-class Inner(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 12)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(12, 16)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Custom(nn.Module):
-    """``head(relu(stem(x)) + block(relu(stem(x))))``: ``stem`` and ``block.fc2`` coupled."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Linear(6, 16)
-        self.act = nn.ReLU()
-        self.block = Inner()
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(16, 3))
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.act(self.stem(x))
-        return self.head(h + self.block(h))
 
 
 X = torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
