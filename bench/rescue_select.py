@@ -10,6 +10,11 @@ config says) and the learning-rate schedule; dense runs give the reference for e
 schedule. The config's ``delta_t: 50`` is this selection's outcome.
 
     python bench/rescue_select.py [--jobs 2] [--out bench/results/rescue_selection.json]
+    python bench/rescue_select.py --extra --out bench/results/rescue_selection_extra.json
+
+``--extra`` runs follow-ups of the chosen settings instead (``t_end``, regrowth init, a
+uniform scaffold, a larger drop fraction) and fixed-density SET / static runs at the 5%
+budget, with and without the cosine schedule.
 
 Writes ``{"command", "seed", "results": [{"variant", "growth", "rewire", "schedule",
 "val_accuracy", "best_val_accuracy", "weights", "seconds"}, ...]}``.
@@ -49,6 +54,24 @@ VARIANTS: dict[str, tuple[dict[str, Any] | None, str | None, str, dict[str, Any]
     "patches a0.5 p32 set df0.1": ({**P, "amount": 0.5}, "set", "constant", {"drop_fraction": 0.1}),
     "patches a0.25 p32 set": ({**P, "amount": 0.25}, "set", "constant", {}),
 }
+# follow-ups of the chosen "patches a0.5 p32 set dt50" (``--extra``), and fixed-density runs
+# at the budget (5%) for reference
+DT50 = {"delta_t": 50}
+EXTRA: dict[str, tuple[dict[str, Any] | None, str | None, str, dict[str, Any]]] = {
+    "patches dt50 t_end0.75": ({**P, "amount": 0.5}, "set", "constant", {**DT50, "t_end": 0.75}),
+    "patches dt50 regrow-random": (
+        {**P, "amount": 0.5}, "set", "constant", {**DT50, "regrow_init": "random"},
+    ),
+    "patches dt50 uniform": (
+        {**P, "amount": 0.5}, "set", "constant", {**DT50, "distribution": "uniform"},
+    ),
+    "patches dt50 df0.5": ({**P, "amount": 0.5}, "set", "constant", {**DT50, "drop_fraction": 0.5}),
+    "set 5% dt50": (None, "set", "constant", {**DT50, "density": 0.05}),
+    "set 5% dt50 cosine": (None, "set", "cosine", {**DT50, "density": 0.05}),
+    "static 5%": (None, "static", "constant", {"density": 0.05}),
+    "static 5% cosine": (None, "static", "cosine", {"density": 0.05}),
+}  # fmt: skip
+ALL = {**VARIANTS, **EXTRA}
 SEED = 100
 
 
@@ -56,7 +79,7 @@ def _row(item: tuple[str, RescueRun]) -> dict[str, Any]:
     name, run = item
     row = _execute(run)
     summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
-    growth, rewire, schedule, sparsity = VARIANTS[name]
+    growth, rewire, schedule, sparsity = ALL[name]
     return {
         "variant": name, "growth": growth, "rewire": rewire, "schedule": schedule,
         "sparsity": sparsity,
@@ -73,13 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/rescue_selection.json")
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs (smoke)")
     p.add_argument("--n-train", type=int, default=None, help="override data.n_train (smoke)")
+    p.add_argument("--extra", action="store_true", help="run the follow-up variants (EXTRA)")
     args = p.parse_args(argv)
     overrides = [f"train.epochs={args.epochs}"] if args.epochs else []
     overrides += [f"data.n_train={args.n_train}", "data.n_val=500"] if args.n_train else []
     base = load_config(CONFIG, overrides).model_dump(mode="json")
     tmp = Path(tempfile.mkdtemp(prefix="rescue-select-"))
     items = []
-    for i, (name, (growth, rewire, schedule, sparsity)) in enumerate(VARIANTS.items()):
+    chosen = EXTRA if args.extra else VARIANTS
+    for i, (name, (growth, rewire, schedule, sparsity)) in enumerate(chosen.items()):
         run = {**base, "seed": SEED, "run_dir": str(tmp / f"v{i}")}
         run["optimizer"] = {**base["optimizer"], "schedule": schedule}
         run["growth"] = None if growth is None else {**growth, "max_params": 0.05}
