@@ -1,4 +1,5 @@
-"""The ``dynarch`` command line: ``dynarch run CONFIG``, ``dynarch inspect RUN_DIR``,
+"""The ``dynarch`` command line: ``dynarch run CONFIG``, ``dynarch resume RUN_DIR``,
+``dynarch inspect RUN_DIR``,
 ``dynarch ladder CONFIG --densities ...`` (:mod:`dynarch.ladder`) and ``dynarch rescue
 CONFIG`` (:mod:`dynarch.rescue`). Each override needs its own ``--set KEY=VALUE``.
 
@@ -12,7 +13,9 @@ traceback; 1 missing or damaged data files.
     <run_dir>/config.json      the validated config
     <run_dir>/metrics.jsonl    training and evaluation lines (the trainer)
     <run_dir>/events.jsonl     one structural event per line
-    <run_dir>/checkpoint/      the final model and optimizer (dynarch.checkpoint)
+    <run_dir>/checkpoint/      the final model and optimizer (dynarch.checkpoint); with
+                               train.checkpoint_every: N, also saved every N epochs, and
+                               `dynarch resume <run_dir>` continues an interrupted run
     <run_dir>/summary.json     widths, parameters, final metrics, events with accuracies
     <run_dir>/density.png      sparse runs: density per layer, connections rewired per update
     <run_dir>/rewiring.png     (dynarch.plots), and masks/*.png: mask heatmaps and differences
@@ -56,7 +59,7 @@ from .runner import RewireFromStart as RewireFromStart
 from .runner import SparsifyAtStart as SparsifyAtStart
 from .runner import _load_data as _load_data
 from .runner import _splits as _splits
-from .runner import execute
+from .runner import execute, resume
 
 __all__ = ["execute", "inspect_run", "main"]
 
@@ -212,6 +215,18 @@ def run(
         if run_dir is not None:
             cfg.run_dir = str(run_dir)
         execute(cfg, progress=not no_progress, echo=click.echo)
+
+
+@main.command("resume", context_settings=_EXTRA)
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--no-progress", is_flag=True, help="Do not show a progress bar.")
+@click.pass_context
+def resume_cmd(ctx: click.Context, run_dir: Path, no_progress: bool) -> None:
+    """Continue the interrupted run in RUN_DIR from its last checkpoint (saved every
+    train.checkpoint_every epochs) to the end its config.json sets, as if never stopped."""
+    _no_extra(ctx)
+    with _cli_errors():
+        resume(run_dir, progress=not no_progress, echo=click.echo)
 
 
 @main.command()

@@ -159,6 +159,8 @@ class TrainConfig(_Section):
     log_every: PosInt = 50
     eval_every_epochs: PosInt = 1
     early_stopping: EarlyStoppingConfig | None = None
+    # save a resumable checkpoint every N epochs (None: only the final one); `dynarch resume`
+    checkpoint_every: PosInt | None = None
 
 
 class SparsityConfig(_Section):

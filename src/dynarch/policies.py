@@ -69,18 +69,24 @@ def _trigger(cfg: GrowthConfig) -> Any:
 
 
 def growth_callbacks(
-    cfg: GrowthConfig, model: nn.Module, train: tuple[Tensor, Tensor] | Any
+    cfg: GrowthConfig,
+    model: nn.Module,
+    train: tuple[Tensor, Tensor] | Any,
+    *,
+    dense_params: int | None = None,
 ) -> list[Callback]:
     """The callbacks that grow ``model`` as ``cfg`` says (see the module docstring).
 
     ``train`` is the training set (an ``(x, y)`` pair or an object with ``train_x`` /
-    ``train_y``): the tournament draws its held-out batch from it.
+    ``train_y``): the tournament draws its held-out batch from it. ``dense_params``: the
+    parameter count a fractional ``max_params`` is taken of (default: ``model``'s now; a
+    resumed run passes the count its model started with, not the grown one's).
     """
     from .growth.actions import PatchesAction
     from .schedules import GrowAsNeeded, WidenAction
     from .triggers import Budget
 
-    cap = cfg.budget(count_params(model))
+    cap = cfg.budget(count_params(model) if dense_params is None else dense_params)
     budget = None if cap is None else Budget(max_params=cap)
     if cfg.policy == "widen":
         action: Any = WidenAction(

@@ -5,7 +5,9 @@ It loads the data (with an optional validation split), builds the model and opti
 adds the callbacks the config asks for (masks and rewiring, growth policies, a cosine
 schedule, early stopping), trains with :class:`~dynarch.train.Trainer`, and writes the run
 directory: ``config.json``, ``metrics.jsonl``, ``events.jsonl``, ``checkpoint/``,
-``summary.json`` and, for sparse runs, the plots.
+``summary.json`` and, for sparse runs, the plots. With ``train.checkpoint_every`` it also
+saves a resumable checkpoint every N epochs (:class:`EpochCheckpoint`), from which
+``resume(run_dir)`` (``dynarch resume``) continues an interrupted run exactly.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from .config import ConfigError, RunConfig, build_optimizer
 from .models import build_model, layer_widths
 from .report import config_lines, event_rows, read_jsonl, summary_text
 
-__all__ = ["RewireFromStart", "SparsifyAtStart", "execute", "idle_settings", "make_run_dir"]
+__all__ = [
+    "EpochCheckpoint", "RewireFromStart", "SparsifyAtStart", "execute", "idle_settings",
+    "make_run_dir", "resume",
+]  # fmt: skip
 
 
 class SparsifyAtStart(Callback):
@@ -38,10 +43,14 @@ class SparsifyAtStart(Callback):
 
     def __init__(self, density: float, distribution: str) -> None:
         self.density, self.distribution = density, distribution
+        self.done = False
 
     def on_fit_start(self, trainer: Any) -> None:
         from .masks import sparsify
 
+        if self.done:  # a resumed run: the loaded model is already masked
+            return
+        self.done = True
         sparsify(
             trainer.model,
             self.density,
@@ -49,6 +58,12 @@ class SparsifyAtStart(Callback):
             optimizer=trainer.optimizer,
             reason="config",
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.done = bool(state.get("done", False))
 
 
 class RewireFromStart(Callback):
@@ -176,6 +191,64 @@ def _splits(cfg: RunConfig, data: Any) -> tuple[Any, Any]:
     return (x[:-n], y[:-n]), (x[-n:], y[-n:])
 
 
+class EpochCheckpoint(Callback):
+    """Save a resumable checkpoint (model, optimizer, trainer and callback states, RNG states)
+    to ``path`` atomically at the end of every ``every``-th epoch (``train.checkpoint_every``);
+    the last callback of a run, so every other callback's epoch end is in it. It records the
+    line counts of ``metrics.jsonl``/``events.jsonl`` (a resume cuts anything written later)
+    and ``run`` (facts fixed at the start: dense parameter count, widths, ...).
+
+    Example:
+        >>> cb = EpochCheckpoint(2, Path("/tmp/run/checkpoint"), {}, {})
+    """
+
+    def __init__(self, every: int, path: Path, config: dict[str, Any], run: dict[str, Any]) -> None:
+        self.every, self.path, self.config, self.run = every, path, config, run
+
+    def on_epoch_end(self, trainer: Any) -> None:
+        done = trainer.epoch + 1
+        if done % self.every or done >= trainer.epochs or trainer.should_stop:
+            return  # the run ends now: the final checkpoint follows
+        state = trainer.state_dict()
+        state.update(epoch=done, batch_in_epoch=0)  # where the next epoch starts
+        _save_checkpoint(self.path, trainer, self.config, self.run, state)
+
+
+def _callbacks(
+    cfg: RunConfig, model: Any, data: Any, run: dict[str, Any], fresh: bool
+) -> tuple[list[Callback], EarlyStopping | None]:
+    """The run's callbacks (the checkpoint one excepted); ``run["generator"]`` is the engine
+    generator state they were first built with (the tournament draws its batch from it)."""
+    from ._engine import engine_state
+
+    callbacks = _sparsity_callbacks(cfg)
+    train_data, eval_data = _splits(cfg, data)
+    if cfg.growth is not None:
+        from .policies import check_growth, growth_callbacks
+
+        if fresh:
+            check_growth(cfg, model)
+        train_pair = train_data if eval_data is not None else (data.train_x, data.train_y)
+        gen = engine_state(model).generator
+        now = gen.get_state()
+        gen.set_state(run["generator"])
+        try:
+            # resumed: a fractional budget stays a fraction of the dense count it started with
+            extra = {} if fresh else {"dense_params": run["dense_params"]}
+            callbacks += growth_callbacks(cfg.growth, model, train_pair, **extra)
+        finally:
+            if not fresh:
+                gen.set_state(now)
+    if cfg.optimizer.schedule == "cosine":
+        callbacks.append(CosineLR())
+    stopper = None
+    if (es := cfg.train.early_stopping) is not None:
+        stopper = EarlyStopping(es.monitor, patience=es.patience, min_delta=es.min_delta,
+                                mode=es.mode)  # fmt: skip
+        callbacks.append(stopper)
+    return callbacks, stopper
+
+
 def execute(
     cfg: RunConfig,
     *,
@@ -187,6 +260,7 @@ def execute(
 
     Everything that can be checked is checked before the run directory is created. With
     ``plots``, a sparse run also gets its plots (:func:`dynarch.plots.write_run_plots`).
+    ``train.checkpoint_every`` saves a checkpoint :func:`resume` continues from.
 
     Example:
         >>> from dynarch.config import validate_config
@@ -196,8 +270,7 @@ def execute(
         >>> execute(cfg, progress=False, echo=lambda s: None)["steps"]
         2
     """
-    from .masks import layer_density
-    from .train import Trainer
+    from ._engine import engine_state
 
     if cfg.run_dir is None:
         raise ConfigError("run_dir is not set; pass --run-dir or set run_dir in the config")
@@ -215,32 +288,99 @@ def execute(
         raise ConfigError(f"model: {exc}") from None
     set_seed(model, cfg.seed)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    callbacks = _sparsity_callbacks(cfg)
-    train_data, eval_data = _splits(cfg, data)
-    if cfg.growth is not None:
-        from .policies import check_growth, growth_callbacks
-
-        check_growth(cfg, model)
-        train_pair = train_data if eval_data is not None else (data.train_x, data.train_y)
-        callbacks += growth_callbacks(cfg.growth, model, train_pair)
-    if cfg.optimizer.schedule == "cosine":
-        callbacks.append(CosineLR())
-    stopper = None
-    if (es := cfg.train.early_stopping) is not None:
-        stopper = EarlyStopping(es.monitor, patience=es.patience, min_delta=es.min_delta,
-                                mode=es.mode)  # fmt: skip
-        callbacks.append(stopper)
+    run = {
+        "dense_params": count_params(model), "widths": layer_widths(model),
+        "generator": engine_state(model).generator.get_state(),
+    }  # fmt: skip
+    callbacks, stopper = _callbacks(cfg, model, data, run, fresh=True)
     config_json = json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n"
     make_run_dir(run_dir, "run_dir")
     (run_dir / "config.json").write_text(config_json)
-    widths_start, params_start = layer_widths(model), count_params(model)
     echo("\n".join(config_lines(cfg)))
     n_train = len(data.train_y) - cfg.data.n_val  # the training split
     batches = -(-n_train // cfg.train.batch_size)
     for line in idle_settings(cfg, batches):
         echo(f"note       {line}")
     echo(f"run dir    {run_dir}\n")
+    return _train(cfg, data, model, optimizer, callbacks, stopper, run, None, echo, plots,
+                  progress)  # fmt: skip
+
+
+def resume(
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Continue the interrupted run in ``run_dir`` from its checkpoint (``dynarch resume``)
+    to the end its ``config.json`` sets, exactly as if it had not stopped: lines written
+    after the checkpoint are cut from ``metrics.jsonl``/``events.jsonl``, then appended anew;
+    returns (and writes) ``summary.json``.
+
+    Example:
+        >>> resume("/nonexistent")
+        Traceback (most recent call last):
+        ...
+        dynarch.config.ConfigError: cannot resume '/nonexistent': the directory does not exist
+    """
+    from .checkpoint import CheckpointError, load
+    from .config import validate_config
+
+    root = Path(run_dir)
+    what = f"cannot resume {str(root)!r}"
+    if not root.is_dir():
+        raise ConfigError(f"{what}: the directory does not exist")
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"{what}: no config.json (give a directory `dynarch run` wrote)")
+    if (root / "summary.json").is_file():
+        raise ConfigError(f"{what}: the run is complete (summary.json exists); nothing to resume")
+    if not (root / "checkpoint").is_dir():
+        raise ConfigError(
+            f"{what}: it has no checkpoint/ (the run stopped before its first one; "
+            "set train.checkpoint_every to save them during a run)"
+        )
+    try:
+        cfg = validate_config(json.loads((root / "config.json").read_text()))
+    except (ConfigError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{what}: its config.json no longer validates: {exc}") from None
+    cfg.run_dir = str(root)
+    try:
+        ck = load(root / "checkpoint")
+    except CheckpointError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    if not {"trainer", "run"} <= set(ck.state):
+        raise ConfigError(f"{what}: its checkpoint was not saved by `dynarch run`")
+    data = _load_data(cfg, progress)
+    optimizer = ck.load_optimizer(build_optimizer(cfg.optimizer, ck.param_groups()))
+    run = ck.state["run"]
+    callbacks, stopper = _callbacks(cfg, ck.model, data, run, fresh=False)
+    for name, n in run["lines"].items():  # cut lines written after the checkpoint
+        path = root / f"{name}.jsonl"
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        path.write_text("".join(lines[:n]))
+    echo("\n".join(config_lines(cfg)))
+    echo(f"resuming   {root} at epoch {ck.state['trainer']['epoch']}, step {ck.step}\n")
+    return _train(cfg, data, ck.model, optimizer, callbacks, stopper, run, ck, echo, plots,
+                  progress)  # fmt: skip
+
+
+def _train(
+    cfg: RunConfig, data: Any, model: Any, optimizer: torch.optim.Optimizer,
+    callbacks: list[Callback], stopper: EarlyStopping | None, run: dict[str, Any],
+    ck: Any, echo: Callable[[str], None], plots: bool, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Train (from the start, or from checkpoint ``ck``), then write the summary."""
+    from .masks import layer_density
+    from .train import Trainer
+
+    run_dir = Path(str(cfg.run_dir))
+    config = cfg.model_dump(mode="json")
     t = cfg.train
+    if t.checkpoint_every is not None:
+        callbacks = [*callbacks, EpochCheckpoint(t.checkpoint_every, run_dir / "checkpoint",
+                                                 config, run)]  # fmt: skip
+    train_data, eval_data = _splits(cfg, data)
     started, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
     try:
@@ -249,13 +389,17 @@ def execute(
             batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, callbacks=callbacks,
             run_dir=run_dir, device=cfg.device, seed=cfg.seed, progress=progress,
             log_every=t.log_every, eval_every_epochs=t.eval_every_epochs,
-        ).fit()  # fmt: skip
+        )  # fmt: skip
+        if ck is not None:
+            trainer.load_state_dict(ck.state["trainer"])
+            ck.restore_rng()
+        trainer.fit()
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - started
     # with a validation split, the test set is scored once, after training
     test = trainer.evaluate((data.test_x, data.test_y)) if eval_data is not None else None
-    _save_checkpoint(run_dir / "checkpoint", trainer, cfg)
+    _save_checkpoint(run_dir / "checkpoint", trainer, config, run, trainer.state_dict())
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     evals = [m for m in metrics if "val_loss" in m]
     summary = {
@@ -268,11 +412,11 @@ def execute(
         "epochs": trainer.epoch,
         "seconds": round(seconds, 3),
         "params": {
-            "start": params_start, "end": count_params(trainer.model),
+            "start": run["dense_params"], "end": count_params(trainer.model),
             "active": report.active_params(trainer.model),
             "weights": report.active_weights(trainer.model),
         },
-        "widths": {"start": widths_start, "end": layer_widths(trainer.model)},
+        "widths": {"start": run["widths"], "end": layer_widths(trainer.model)},
         "density": layer_density(trainer.model),
         "final": evals[-1] if evals else {},
         "best": dict(trainer.best),
@@ -283,6 +427,8 @@ def execute(
         "test": test,
         "events": event_rows(read_jsonl(run_dir / "events.jsonl"), metrics),
     }  # fmt: skip
+    if ck is not None:
+        summary["resumed"] = {"epoch": ck.state["trainer"]["epoch"], "step": ck.step}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if plots and summary["density"]:
         from .plots import MaskSnapshots, write_run_plots
@@ -369,8 +515,16 @@ def make_run_dir(path: Path, what: str) -> None:
         ) from None
 
 
-def _save_checkpoint(path: Path, trainer: Any, cfg: RunConfig) -> None:
+def _save_checkpoint(
+    path: Path, trainer: Any, config: dict[str, Any], run: dict[str, Any],
+    state: dict[str, Any],
+) -> None:  # fmt: skip
+    """A resumable checkpoint: ``state`` is the trainer state to resume from."""
     from .checkpoint import save
 
-    config = cfg.model_dump(mode="json")
-    save(path, trainer.model, trainer.optimizer, trainer=trainer.state_dict(), config=config)
+    lines = {}
+    for name in ("metrics", "events"):
+        file = trainer.run_dir / f"{name}.jsonl"
+        lines[name] = len(file.read_text().splitlines()) if file.exists() else 0
+    save(path, trainer.model, trainer.optimizer, trainer=state, config=config,
+         run={**run, "lines": lines})  # fmt: skip
