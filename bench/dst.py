@@ -2,8 +2,9 @@
 
 Every (method, density, seed) cell trains the same 784-300-100-10 ReLU MLP (same initial
 weights per seed, same batches per seed through dynarch's Trainer) with the same optimizer
-(SGD, momentum 0.9, lr 0.05 with per-step cosine decay to 0, batch 128, no weight decay) for
-the same number of epochs, then records the test accuracy at the end, the median training
+(SGD, momentum 0.9, lr 0.05 with per-step cosine decay to 0, batch 128, no weight decay; with
+``--normalize`` the pixels are standardised by the training set's mean and std) for the same
+number of epochs, then records the test accuracy at the end, the median training
 step time and the measured overall density of the three Linear weights. dynarch's methods
 (static, SET, DEEP R, RigL, SNFS) run through ``dynarch.sparse.make_rewirer(...,
 distribution="erk", drop_fraction=0.3, anneal="cosine")`` as Trainer callbacks; the peer
@@ -65,6 +66,8 @@ class Config:
     delta_t: int = 100
     drop_fraction: float = 0.3
     t_end_fraction: float = 0.75
+    schedule: str = "cosine"
+    normalize: bool = False
     limit_train: int | None = None
     limit_test: int | None = None
 
@@ -107,15 +110,17 @@ class StepTimer:
         self.last = now
 
 
-_DATA: dict[tuple[int | None, int | None], Any] = {}
+_DATA: dict[tuple[int | None, int | None, bool], Any] = {}
 
 
-def _dataset(limit_train: int | None, limit_test: int | None) -> Any:
+def _dataset(limit_train: int | None, limit_test: int | None, normalize: bool = False) -> Any:
+    """Fashion-MNIST (with ``normalize``: standardised by the training pixels' mean and std)."""
     from dynarch.data import load
 
-    key = (limit_train, limit_test)
+    key = (limit_train, limit_test, normalize)
     if key not in _DATA:
-        _DATA[key] = load("fashion-mnist", progress=False).subset(limit_train, limit_test)
+        data = load("fashion-mnist", progress=False).subset(limit_train, limit_test)
+        _DATA[key] = data.standardize() if normalize else data
     return _DATA[key]
 
 
@@ -150,7 +155,7 @@ def run_cell(cell: Cell, config: Config) -> dict[str, Any]:
     from dynarch.callbacks import Callback, LambdaCallback
     from dynarch.train import Trainer
 
-    data = _dataset(config.limit_train, config.limit_test)
+    data = _dataset(config.limit_train, config.limit_test, config.normalize)
     model = build_model(cell.seed)
     opt: torch.optim.Optimizer
     if config.optimizer == "adam":
@@ -197,8 +202,9 @@ def run_cell(cell: Cell, config: Config) -> dict[str, Any]:
             t_end=t_end,
         )
         callbacks.append(peer)
-    lr, timer = CosineLR(opt, config.lr, steps), StepTimer()
-    callbacks.append(LambdaCallback(on_step_end=lr.on_step_end))
+    timer = StepTimer()
+    if config.schedule == "cosine":
+        callbacks.append(LambdaCallback(on_step_end=CosineLR(opt, config.lr, steps).on_step_end))
     callbacks.append(
         LambdaCallback(on_epoch_start=timer.on_epoch_start, on_step_end=timer.on_step_end)
     )
@@ -344,6 +350,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="peak lr (sgd 0.05, adam 1e-3)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--drop-fraction", type=float, default=0.3)
+    p.add_argument(
+        "--schedule", choices=("cosine", "constant"), default="cosine", help="learning rate"
+    )
+    p.add_argument(
+        "--normalize", action="store_true", help="standardise pixels (training mean and std)"
+    )
     p.add_argument("--readme", action="store_true", help="print the tables of --out and exit")
     return p.parse_args(argv)
 
@@ -367,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=args.weight_decay,
         drop_fraction=args.drop_fraction,
         delta_t=args.delta_t,
+        schedule=args.schedule,
+        normalize=args.normalize,
         limit_train=args.limit_train,
         limit_test=args.limit_test,
     )

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -101,3 +102,16 @@ def test_tiny_grid_end_to_end(tmp_path: Path) -> None:
     # --resume with everything done runs nothing and keeps the results
     assert dst.main([*args, "--resume"]) == 0
     assert json.loads(out.read_text())["results"] == rows
+
+
+def test_normalize_and_schedule_options() -> None:
+    args = dst.parse_args(["--normalize", "--schedule", "constant"])
+    assert args.normalize is True and args.schedule == "constant"
+    defaults = dst.parse_args([])
+    assert defaults.normalize is False and defaults.schedule == "cosine"
+    raw = dst._dataset(256, 100)
+    std = dst._dataset(256, 100, normalize=True)
+    assert torch.equal(std.train_x, raw.standardize().train_x)
+    assert torch.equal(std.test_x, raw.standardize().test_x)
+    assert dst._dataset(256, 100, normalize=True) is std  # cached per setting
+    assert dst.Config(epochs=1).normalize is False and dst.Config(epochs=1).schedule == "cosine"

@@ -251,6 +251,25 @@ def test_splits_hold_out_the_last_n_val_training_samples(tmp_path: Path) -> None
     assert _splits(_tiny(tmp_path), data) == (data, None)  # n_val 0: evaluate on the test set
 
 
+def test_normalize_standardises_by_the_training_split_only(tmp_path: Path) -> None:
+    raw = _load_data(_tiny(tmp_path, n_val=100), progress=False)
+    data = _load_data(_tiny(tmp_path, n_val=100, normalize=True), progress=False)
+    fit = raw.train_x[:200]  # the validation split (last 100) is not looked at
+    assert torch.equal(data.train_x, (raw.train_x - fit.mean()) / fit.std())
+    assert torch.equal(data.test_x, (raw.test_x - fit.mean()) / fit.std())
+    assert torch.equal(data.train_y, raw.train_y) and torch.equal(data.test_y, raw.test_y)
+    whole = _load_data(_tiny(tmp_path, normalize=True), progress=False)
+    assert torch.equal(whole.train_x, raw.standardize().train_x)
+    assert _tiny(tmp_path).data.normalize is False  # off unless asked for
+    from dynarch.report import config_lines
+
+    assert config_lines(_tiny(tmp_path, n_val=100, normalize=True))[0] == (
+        "data       mnist1d (300 train / 100 test samples; the last 100 training samples are "
+        "the validation split; inputs standardised)"
+    )
+    assert config_lines(_tiny(tmp_path))[0] == "data       mnist1d (300 train / 100 test samples)"
+
+
 def test_run_with_n_val_scores_the_test_set_once(tmp_path: Path) -> None:
     config = tmp_path / "tiny.yaml"
     config.write_text(json.dumps(_tiny(tmp_path, n_val=100).model_dump(mode="json")))

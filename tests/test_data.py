@@ -357,6 +357,34 @@ def test_dataset_subset_and_repr() -> None:
         ds.name = "other"  # type: ignore[misc]
 
 
+def test_dataset_standardize() -> None:
+    ds = toy()  # train_x = 0..9, test_x = ones
+    whole = ds.standardize()
+    mean, std = 4.5, torch.arange(10.0).std()
+    assert torch.equal(whole.train_x, (ds.train_x - mean) / std)
+    assert torch.equal(whole.test_x, (ds.test_x - mean) / std)
+    assert whole.train_x.mean().abs() < 1e-6 and abs(float(whole.train_x.std()) - 1) < 1e-6
+    assert whole.train_y is ds.train_y and whole.test_y is ds.test_y
+    assert repr(whole) == repr(ds) and ds.train_x[0, 1] == 1.0  # a copy; ds is untouched
+    fit3 = ds.standardize(n_fit=3)  # statistics of the first 3 samples only (0..5)
+    first = torch.arange(6.0)
+    assert torch.equal(fit3.train_x, (ds.train_x - first.mean()) / first.std())
+    assert fit3.train_x[:3].mean().abs() < 1e-6 and fit3.train_x[3:].min() > 1
+    for n_fit, msg in [
+        (1, "n_fit=1 is not allowed; use None or an int in [2, 5]"),
+        (6, "n_fit=6 is not allowed; use None or an int in [2, 5]"),
+        (True, "n_fit=True is not allowed"),
+        (2.0, "n_fit=2.0 is not allowed"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            ds.standardize(n_fit=n_fit)  # type: ignore[arg-type]
+    y = ds.train_y
+    flat = Dataset("flat", torch.ones(3, 2), y[:3], torch.ones(1, 2), y[:1], 3, (2,))
+    msg = "standardize: the training inputs of 'flat' are constant (std 0); nothing to scale"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        flat.standardize()
+
+
 def test_dataset_validation() -> None:
     y = torch.tensor([0, 1])
     x = torch.zeros(2, 2)

@@ -67,6 +67,8 @@ class DataConfig(_Section):
 
     ``n_val > 0`` holds out the last ``n_val`` training samples as the evaluation set seen
     during training (triggers, early stopping); the test set is then scored once, at the end.
+    ``normalize: true`` standardises every input by one mean and std of the training split
+    (:meth:`dynarch.data.Dataset.standardize`).
     """
 
     name: str = "mnist1d"
@@ -75,6 +77,7 @@ class DataConfig(_Section):
     n_train: PosInt | None = None
     n_test: PosInt | None = None
     n_val: NonNegInt = 0  # >0: last n_val training samples are the eval set; test is scored once
+    normalize: bool = False  # standardise inputs by the training split's mean and std
 
     @field_validator("name")
     @classmethod

@@ -166,6 +166,39 @@ class Dataset:
             self.num_classes, self.input_shape,
         )  # fmt: skip
 
+    def standardize(self, n_fit: int | None = None) -> Dataset:
+        """Return a copy whose inputs are ``(x - mean) / std``, with one scalar mean and std
+        taken over the first ``n_fit`` training samples (None: all of them; pass the size of
+        the training split when the last samples are held out for validation, so nothing is
+        learnt from them). Sparse layers with few inputs per unit train markedly better on
+        centred inputs.
+
+        Example:
+            >>> import torch
+            >>> ds = Dataset("toy", torch.tensor([[0.0], [2.0], [4.0]]), torch.tensor([0, 1, 0]),
+            ...              torch.tensor([[1.0]]), torch.tensor([1]), 2, (1,))
+            >>> [round(v, 4) for v in ds.standardize(n_fit=2).train_x.flatten().tolist()]
+            [-0.7071, 0.7071, 2.1213]
+        """
+        n = len(self.train_y)
+        if n_fit is not None and (
+            isinstance(n_fit, bool) or not isinstance(n_fit, int) or not 2 <= n_fit <= n
+        ):
+            raise ValueError(
+                f"standardize: n_fit={n_fit!r} is not allowed; use None or an int in [2, {n}]"
+            )
+        fit = self.train_x[: n if n_fit is None else n_fit]
+        mean, std = fit.mean(), fit.std()
+        if not torch.isfinite(std) or std <= 0:
+            raise ValueError(
+                f"standardize: the training inputs of {self.name!r} are constant "
+                f"(std {float(std):g}); nothing to scale"
+            )
+        return Dataset(
+            self.name, (self.train_x - mean) / std, self.train_y, (self.test_x - mean) / std,
+            self.test_y, self.num_classes, self.input_shape,
+        )  # fmt: skip
+
     def __repr__(self) -> str:
         return (
             f"Dataset({self.name!r}, train={len(self.train_y)}, test={len(self.test_y)}, "

@@ -112,7 +112,8 @@ def config_lines(cfg: RunConfig) -> list[str]:
     shape = f"hidden {m.hidden}" if m.kind == "mlp" else f"channels {m.channels}, fc {m.hidden}"
     lines = [
         f"data       {d.name} ({d.n_train or 'all'} train / {d.n_test or 'all'} test samples"
-        + (f"; the last {d.n_val} training samples are the validation split)" if d.n_val else ")"),
+        + (f"; the last {d.n_val} training samples are the validation split" if d.n_val else "")
+        + ("; inputs standardised)" if d.normalize else ")"),
         f"model      {m.kind}, {shape}, {m.activation}",
         f"optimizer  {o.name}, lr {o.lr:g}"
         + (" (cosine decay per step)" if o.schedule == "cosine" else "")

@@ -53,6 +53,8 @@ def _load_data(cfg: RunConfig, progress: bool) -> Any:
             f"data.n_val: {d.n_val} leaves no training samples (the training set has "
             f"{len(data.train_y)}); use fewer"
         )
+    if d.normalize:
+        data = data.standardize(n_fit=len(data.train_y) - d.n_val)
     return data
 
 
