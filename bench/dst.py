@@ -18,7 +18,8 @@ atomically after each finished cell; ``--resume`` skips cells already in the JSO
 
     python bench/dst.py [--epochs 10] [--seeds 3] [--densities 0.1,0.05,0.02,0.01]
         [--methods dense,static,set,deep_r,rigl,snfs,rigl-torch] [--jobs 2]
-        [--out bench/results/dst.json] [--resume] [--limit-train N] [--readme]
+        [--out bench/results/dst.json] [--resume] [--limit-train N] [--normalize]
+        [--schedule cosine|constant] [--optimizer sgd|adam] [--readme]
 """
 
 from __future__ import annotations

@@ -30,8 +30,12 @@ Cells run in parallel worker processes (spawn, one thread each, methods interlea
 results are written atomically after each cell; ``--resume`` skips cells already done.
 
     python bench/grow_vs_static.py [--epochs 10] [--seeds 3] [--jobs 2] [--hidden 256,256]
-        [--start 32,32] [--schedules 0.5:net2net,1:net2net,...] [--methods ...]
-        [--out bench/results/grow_vs_static.json] [--resume] [--limit-train N] [--readme]
+        [--start 32,32] [--schedules 0.5:net2net,1:net2net,...] [--methods ...] [--shrink F]
+        [--normalize] [--out bench/results/grow_vs_static.json] [--resume] [--limit-train N]
+        [--readme]
+
+``--normalize`` standardises the pixels by the mean and std of each cell's training part
+(a selection cell's held-out samples are not looked at).
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class Config:
     gromo_every: int = 40
     gromo_window: float = 0.5
     gromo_samples: int = 2048
+    normalize: bool = False
     limit_train: int | None = None
     limit_test: int | None = None
 
@@ -135,13 +140,21 @@ def growth_steps(every: float, start: list[int], hidden: list[int], per_epoch: i
 
 
 # ------------------------------------------------------------------------------ one cell
-def _split(data: Any, cell: Cell) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """(train, eval) pairs: all/test, or first 5/6 / last 1/6 of train for selection."""
+def _split(
+    data: Any, cell: Cell, normalize: bool = False
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(train, eval) pairs: all/test, or first 5/6 / last 1/6 of train for selection. With
+    ``normalize`` both are standardised by the mean and std of the train part alone."""
     x, y = data.train_x, data.train_y
     if cell.split == "test":
-        return (x, y), (data.test_x, data.test_y)
-    n = x.shape[0] - x.shape[0] // 6
-    return (x[:n], y[:n]), (x[n:], y[n:])
+        (tx, ty), (ex, ey) = (x, y), (data.test_x, data.test_y)
+    else:
+        n = x.shape[0] - x.shape[0] // 6
+        (tx, ty), (ex, ey) = (x[:n], y[:n]), (x[n:], y[n:])
+    if normalize:
+        mean, std = tx.mean(), tx.std()
+        tx, ex = (tx - mean) / std, (ex - mean) / std
+    return (tx, ty), (ex, ey)
 
 
 def run_cell(cell: Cell, config: Config) -> dict[str, Any]:
@@ -155,7 +168,9 @@ def run_cell(cell: Cell, config: Config) -> dict[str, Any]:
 
     hidden, start = widths(config.hidden), widths(config.start)
     names = [f"fc{i}" for i in range(1, len(hidden) + 1)]
-    train, evaluation = _split(_dataset(config.limit_train, config.limit_test), cell)
+    train, evaluation = _split(
+        _dataset(config.limit_train, config.limit_test), cell, config.normalize
+    )
     per_epoch = -(-train[0].shape[0] // config.batch_size)
     total = config.epochs * per_epoch
 
@@ -323,6 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--jobs", type=_positive, default=2, help="parallel worker processes")
     add("--out", type=Path, default=DEFAULT_OUT)
     add("--resume", action="store_true", help="skip cells already in --out")
+    add("--normalize", action="store_true",
+        help="standardise the pixels by the mean and std of the training part")  # fmt: skip
     add("--limit-train", type=_positive, default=None)
     add("--limit-test", type=_positive, default=None)
     add("--readme", action="store_true", help="print the tables of --out and exit")
@@ -390,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         select_seeds=args.select_seeds, noise=args.noise, shrink=args.shrink,
         plateau_threshold=args.plateau_threshold, gromo_every=args.gromo_every,
         gromo_window=args.gromo_window, gromo_samples=args.gromo_samples,
-        limit_train=args.limit_train, limit_test=args.limit_test,
+        normalize=args.normalize, limit_train=args.limit_train, limit_test=args.limit_test,
     )  # fmt: skip
     command = shlex.join(["python", "bench/grow_vs_static.py", *argv])
     results = _resumed(args.out, cast(Any, config)) if args.resume else []

@@ -101,6 +101,21 @@ def test_a_selection_cell_scores_on_the_held_out_training_samples() -> None:
     assert round(row["val_accuracy"] * 85, 6) == round(row["val_accuracy"] * 85)
 
 
+def test_normalize_standardises_by_the_training_part_alone() -> None:
+    data = gvs._dataset(512, 200)
+    (x, y), (ex, ey) = gvs._split(data, gvs.Cell("static", 0), normalize=True)
+    mean, std = data.train_x.mean(), data.train_x.std()
+    assert torch.equal(x, (data.train_x - mean) / std) and torch.equal(y, data.train_y)
+    assert torch.equal(ex, (data.test_x - mean) / std) and torch.equal(ey, data.test_y)
+    (vx, _), (hx, _) = gvs._split(data, gvs.Cell("grown", 100, "1:zero", "val"), normalize=True)
+    part = data.train_x[:427]  # a selection cell: the held-out 85 samples are not looked at
+    assert torch.equal(vx, (part - part.mean()) / part.std())
+    assert torch.equal(hx, (data.train_x[427:] - part.mean()) / part.std())
+    raw = gvs._split(data, gvs.Cell("static", 0))
+    assert raw[0][0] is data.train_x and raw[1][0] is data.test_x  # off by default
+    assert gvs.parse_args(["--normalize"]).normalize and not gvs.parse_args([]).normalize
+
+
 def test_grown_plateau_doubles_when_the_training_subset_loss_stalls() -> None:
     # threshold 10: the second evaluation (step 8) cannot improve by 10 -> double once;
     # the trigger is reset, so the third evaluation (step 12) starts afresh
