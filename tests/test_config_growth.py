@@ -261,6 +261,12 @@ def test_normalize_standardises_by_the_training_split_only(tmp_path: Path) -> No
     whole = _load_data(_tiny(tmp_path, normalize=True), progress=False)
     assert torch.equal(whole.train_x, raw.standardize().train_x)
     assert _tiny(tmp_path).data.normalize is False  # off unless asked for
+    message = (
+        "data.normalize: the training split has 1 sample (after data.n_val 299); "
+        "standardising needs at least 2, so use a smaller data.n_val"
+    )
+    with pytest.raises(ConfigError, match=_exact(message)):
+        _load_data(_tiny(tmp_path, n_val=299, normalize=True), progress=False)
     from dynarch.report import config_lines
 
     assert config_lines(_tiny(tmp_path, n_val=100, normalize=True))[0] == (
@@ -268,6 +274,21 @@ def test_normalize_standardises_by_the_training_split_only(tmp_path: Path) -> No
         "the validation split; inputs standardised)"
     )
     assert config_lines(_tiny(tmp_path))[0] == "data       mnist1d (300 train / 100 test samples)"
+
+
+def test_normalize_refuses_constant_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dynarch.data
+
+    y = torch.zeros(300, dtype=torch.int64)
+    flat = dynarch.data.Dataset("mnist1d", torch.ones(300, 40), y, torch.ones(100, 40), y[:100],
+                                10, (40,))  # fmt: skip
+    monkeypatch.setattr(dynarch.data, "load", lambda *a, **k: flat)
+    message = (
+        "data.normalize: standardize: the training inputs of 'mnist1d' are constant (std 0); "
+        "nothing to scale"
+    )
+    with pytest.raises(ConfigError, match=_exact(message)):
+        _load_data(_tiny(tmp_path, normalize=True), progress=False)
 
 
 def test_run_with_n_val_scores_the_test_set_once(tmp_path: Path) -> None:

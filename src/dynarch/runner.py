@@ -54,7 +54,16 @@ def _load_data(cfg: RunConfig, progress: bool) -> Any:
             f"{len(data.train_y)}); use fewer"
         )
     if d.normalize:
-        data = data.standardize(n_fit=len(data.train_y) - d.n_val)
+        n_fit = len(data.train_y) - d.n_val
+        if n_fit < 2:
+            raise ConfigError(
+                f"data.normalize: the training split has {n_fit} sample (after data.n_val "
+                f"{d.n_val}); standardising needs at least 2, so use a smaller data.n_val"
+            )
+        try:
+            data = data.standardize(n_fit=n_fit)
+        except ValueError as exc:
+            raise ConfigError(f"data.normalize: {exc}") from None
     return data
 
 
