@@ -12,7 +12,8 @@ wall time of the whole training, growth and the final evaluation included.
   optimizer=opt, init=...)`` (function-preserving; optimizer state carried) until it is
   exactly S (``--shrink F`` < 1 first multiplies every parameter and momentum buffer by F
   at each growth: shrink, Ash & Adams 2020, not function-preserving).
-  K and ``init`` ("net2net" with ``--noise``, or "zero") are **chosen on a
+  K and ``init`` ("net2net" with ``--noise``, "zero", or "random": fresh incoming and
+  outgoing weights, not function-preserving) are **chosen on a
   validation split, never on the test set**: each candidate of ``--schedules`` ("K:init")
   trains on the first 5/6 of the training set and is scored by its accuracy on the last
   1/6 (10k), with seeds 100.. (``--select-seeds``); the best mean wins. A single
@@ -62,7 +63,7 @@ import dst
 from dst import CosineLR, _csv, _dataset, _positive, _resumed, _worker_init, write_atomic
 from grow_report import METHODS, checks, choose, summarize, tables
 
-INITS = ("net2net", "zero")
+INITS = ("net2net", "zero", "random")
 DEFAULT_SCHEDULES = "0.5:net2net,1:net2net,2:net2net,0.5:zero,1:zero,2:zero"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "grow_vs_static.json"
 

@@ -47,8 +47,11 @@ def test_peer_docstring_examples_run() -> None:
 
 def test_schedules_parse_and_double_until_the_final_size() -> None:
     assert gvs.parse_schedule("2:zero") == (2.0, "zero")
-    for bad in ("x:zero", "0:zero", "1:random", "1"):
-        with pytest.raises(ValueError, match=rf"schedule '{bad}': use 'K:init' with K > 0"):
+    assert gvs.parse_schedule("0.01:random") == (0.01, "random")
+    for bad in ("x:zero", "0:zero", "1:xavier", "1"):
+        message = rf"schedule '{bad}': use 'K:init' with K > 0 epochs between doublings and "
+        message += r"init one of net2net, zero, random \(e.g. '1:net2net'\)"
+        with pytest.raises(ValueError, match=message):
             gvs.parse_schedule(bad)
     assert gvs.growth_steps(0.5, [32, 32], [256, 256], 469) == [234, 469, 704]
     # 32 -> 64 -> 100 (capped) and 32 -> 64 -> 128 -> 256: three rounds
