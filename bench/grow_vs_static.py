@@ -32,8 +32,8 @@ results are written atomically after each cell; ``--resume`` skips cells already
 
     python bench/grow_vs_static.py [--epochs 10] [--seeds 3] [--jobs 2] [--hidden 256,256]
         [--start 32,32] [--schedules 0.5:net2net,1:net2net,...] [--methods ...] [--shrink F]
-        [--normalize] [--out bench/results/grow_vs_static.json] [--resume] [--limit-train N]
-        [--readme]
+        [--fanin-rescale] [--normalize] [--out bench/results/grow_vs_static.json] [--resume]
+        [--limit-train N] [--readme]
 
 ``--normalize`` standardises the pixels by the mean and std of each cell's training part
 (a selection cell's held-out samples are not looked at).
@@ -79,6 +79,7 @@ class Config:
     select_seeds: int = 2
     noise: float = 0.01
     shrink: float = 1.0
+    fanin_rescale: bool = False
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9
@@ -207,10 +208,15 @@ def run_cell(cell: Cell, config: Config) -> dict[str, Any]:
         noise = config.noise if init == "net2net" else 0.0
         if config.shrink != 1.0:  # shrink (Ash & Adams 2020): scale the trained weights first
             shrink_all(trainer.model, trainer.optimizer, config.shrink)
-        return [widen(trainer.model, name, min(2 * width, target), optimizer=trainer.optimizer,
-                      init=init, noise=noise, reason=reason)
-                for name, target in zip(names, hidden)
-                if (width := layer_widths(trainer.model)[name]) < target]  # fmt: skip
+        fan_in = {n: m.in_features for n, m in trainer.model.named_modules()
+                  if isinstance(m, nn.Linear)}  # fmt: skip
+        events = [widen(trainer.model, name, min(2 * width, target), optimizer=trainer.optimizer,
+                        init=init, noise=noise, reason=reason)
+                  for name, target in zip(names, hidden)
+                  if (width := layer_widths(trainer.model)[name]) < target]  # fmt: skip
+        if config.fanin_rescale:
+            rescale_kept_inputs(trainer.model, fan_in)
+        return events
 
     if cell.method == "grown":
 
@@ -301,6 +307,25 @@ def _factor(text: str) -> float:
     return value
 
 
+def rescale_kept_inputs(model: nn.Module, fan_in: dict[str, int]) -> None:
+    """Scale the kept input columns of every Linear whose input grew from ``fan_in[name]``
+    by ``sqrt(old / new)``, the ratio of the default init's scales. The first ``old``
+    columns are the kept ones. Optimizer buffers are left as they are, and the function
+    changes.
+
+    >>> m = nn.Sequential(nn.Linear(2, 4), nn.Linear(4, 1))
+    >>> w = m[1].weight.detach().clone()
+    >>> rescale_kept_inputs(m, {"0": 2, "1": 1})  # layer "1" grew from 1 input to 4
+    >>> torch.equal(m[1].weight[:, :1], w[:, :1] * 0.5), torch.equal(m[1].weight[:, 1:], w[:, 1:])
+    (True, True)
+    """
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            old = fan_in.get(name)
+            if isinstance(module, nn.Linear) and old is not None and module.in_features > old:
+                module.weight[:, :old] *= (old / module.in_features) ** 0.5
+
+
 def shrink_all(model: nn.Module, optimizer: torch.optim.Optimizer, factor: float) -> None:
     """Multiply every parameter and its SGD momentum buffer by ``factor`` (in place).
 
@@ -339,6 +364,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--jobs", type=_positive, default=2, help="parallel worker processes")
     add("--out", type=Path, default=DEFAULT_OUT)
     add("--resume", action="store_true", help="skip cells already in --out")
+    add("--fanin-rescale", action="store_true",
+        help="grown methods: after each doubling scale the kept input weights of every grown "
+             "layer by sqrt(old/new fan-in), as the default init would have them")  # fmt: skip
     add("--normalize", action="store_true",
         help="standardise the pixels by the mean and std of the training part")  # fmt: skip
     add("--limit-train", type=_positive, default=None)
@@ -406,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config(
         epochs=args.epochs, hidden=args.hidden, start=args.start, schedules=args.schedules,
         select_seeds=args.select_seeds, noise=args.noise, shrink=args.shrink,
+        fanin_rescale=args.fanin_rescale,
         plateau_threshold=args.plateau_threshold, gromo_every=args.gromo_every,
         gromo_window=args.gromo_window, gromo_samples=args.gromo_samples,
         normalize=args.normalize, limit_train=args.limit_train, limit_test=args.limit_test,

@@ -274,3 +274,42 @@ def test_shrink_scales_every_parameter_and_its_momentum() -> None:
     for p, b, m in zip(model.parameters(), before, bufs):
         assert torch.equal(p, b * 0.25)
         assert torch.equal(opt.state[p]["momentum_buffer"], m * 0.25)
+
+
+def test_fanin_rescale_scales_only_the_kept_inputs_of_grown_layers() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    gvs.rescale_kept_inputs(model, {"0": 3, "2": 2})  # "2" grew from 2 to 8 inputs: 1/2
+    w0, b0, w2, b2 = before
+    assert torch.equal(model[0].weight, w0) and torch.equal(model[0].bias, b0)  # same fan-in
+    assert torch.equal(model[2].weight[:, :2], w2[:, :2] * 0.5)
+    assert torch.equal(model[2].weight[:, 2:], w2[:, 2:]) and torch.equal(model[2].bias, b2)
+    gvs.rescale_kept_inputs(model, {"": 1, "1": 1})  # not Linear modules: nothing to do
+    assert torch.equal(model[2].weight[:, 2:], w2[:, 2:])
+    assert gvs.parse_args(["--fanin-rescale"]).fanin_rescale
+    assert not gvs.parse_args([]).fanin_rescale and not gvs.Config(epochs=1).fanin_rescale
+
+
+def test_a_fanin_rescaled_grown_cell_rescales_after_every_doubling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[dict[str, int], dict[str, int]]] = []
+    real = gvs.rescale_kept_inputs
+
+    def record(model: nn.Module, fan_in: dict[str, int]) -> None:
+        now = {n: m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        calls.append((dict(fan_in), now))
+        real(model, fan_in)
+
+    monkeypatch.setattr(gvs, "rescale_kept_inputs", record)
+    config = replace(TINY, fanin_rescale=True, schedules="0.25:random")
+    row = gvs.run_cell(gvs.Cell("grown", 0, "0.25:random"), config)
+    assert row["hidden"] == [16, 16] and row["weights"] == WEIGHTS_16
+    assert calls == [  # 4 -> 8 -> 16: the fan-ins before and after each doubling
+        ({"fc1": 784, "fc2": 4, "out": 4}, {"fc1": 784, "fc2": 8, "out": 8}),
+        ({"fc1": 784, "fc2": 8, "out": 8}, {"fc1": 784, "fc2": 16, "out": 16}),
+    ]
+    calls.clear()
+    gvs.run_cell(gvs.Cell("grown", 0, "0.25:random"), replace(config, fanin_rescale=False))
+    assert calls == []
