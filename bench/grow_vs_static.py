@@ -147,16 +147,13 @@ def _split(
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """(train, eval) pairs: all/test, or first 5/6 / last 1/6 of train for selection. With
     ``normalize`` both are standardised by the mean and std of the train part alone."""
+    n = len(data.train_y) if cell.split == "test" else len(data.train_y) - len(data.train_y) // 6
+    if normalize:
+        data = data.standardize(n_fit=n)
     x, y = data.train_x, data.train_y
     if cell.split == "test":
-        (tx, ty), (ex, ey) = (x, y), (data.test_x, data.test_y)
-    else:
-        n = x.shape[0] - x.shape[0] // 6
-        (tx, ty), (ex, ey) = (x[:n], y[:n]), (x[n:], y[n:])
-    if normalize:
-        mean, std = tx.mean(), tx.std()
-        tx, ex = (tx - mean) / std, (ex - mean) / std
-    return (tx, ty), (ex, ey)
+        return (x, y), (data.test_x, data.test_y)
+    return (x[:n], y[:n]), (x[n:], y[n:])
 
 
 def run_cell(cell: Cell, config: Config) -> dict[str, Any]:
