@@ -631,3 +631,43 @@ def test_bad_patch_buffer(patch, message) -> None:
     model.fc2.register_buffer("weight_patch", patch)
     with pytest.raises(ValueError, match=re.escape(message + " (the op that changed the layer")):
         LRPlan(model, 0.1, ["dual"]).factors()
+
+
+def test_attach_keeps_each_parameters_group_settings_through_growth() -> None:
+    model = small()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = torch.optim.AdamW(
+        [{"params": weights, "weight_decay": 0.1}, {"params": biases, "weight_decay": 0.0}],
+        lr=1e-3,
+        betas=(0.8, 0.9),
+    )
+    LRPlan(model, 1e-3, ["cascade"]).attach(opt)
+
+    def layout() -> list[tuple[str, list[str], float]]:
+        lookup = {id(p): n for n, p in model.named_parameters()}
+        return [
+            (g["name"], [lookup[id(p)] for p in g["params"]], g["weight_decay"])
+            for g in opt.param_groups
+        ]
+
+    assert layout() == [
+        ("fc1", ["fc1.weight"], 0.1), ("fc1", ["fc1.bias"], 0.0),
+        ("fc2", ["fc2.weight"], 0.1), ("fc2", ["fc2.bias"], 0.0),
+        ("out", ["out.weight"], 0.1), ("out", ["out.bias"], 0.0),
+    ]  # fmt: skip
+    assert all(g["betas"] == (0.8, 0.9) for g in opt.param_groups)
+    # both groups of a unit get the unit's learning rate
+    assert [g["lr_factor"] for g in opt.param_groups] == pytest.approx(
+        [0.1, 0.1, 0.1**0.5, 0.1**0.5, 1.0, 1.0]
+    )
+    train_step(model, opt)
+    dynarch.widen(model, "fc1", 12, optimizer=opt)
+    dynarch.deepen(model, "fc2", optimizer=opt)  # a new weight and bias of their own
+    assert layout() == [
+        ("fc1", ["fc1.weight"], 0.1), ("fc1", ["fc1.bias"], 0.0),
+        ("fc2", ["fc2.weight"], 0.1), ("fc2", ["fc2.bias"], 0.0),
+        ("act2_deep", ["act2_deep.weight"], 0.1), ("act2_deep", ["act2_deep.bias"], 0.0),
+        ("out", ["out.weight"], 0.1), ("out", ["out.bias"], 0.0),
+    ]  # fmt: skip
+    assert all(g["betas"] == (0.8, 0.9) for g in opt.param_groups)

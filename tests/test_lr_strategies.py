@@ -285,6 +285,22 @@ def test_new_unit_is_not_frozen_before_it_is_every_steps_old() -> None:
     assert plan.factors()["act1_deep"] == 0.0
 
 
+def test_a_unit_recreated_under_a_frozen_name_is_a_new_unit() -> None:
+    model, plan, opt = setup([ProgressiveFreezing(every=5, keep_last=False)])
+    dynarch.attach(model, "after:act1", nn.Linear(8, 8), optimizer=opt)
+    at_step(model, opt, 12)
+    assert plan.factors()["act1_slot.module"] == 0.0
+    assert plan.strategies[0].state_dict()["frozen_at"]["act1_slot.module"] == 12
+    dynarch.detach(model, "after:act1", optimizer=opt)
+    dynarch.attach(model, "after:act1", nn.Linear(8, 8), optimizer=opt)  # same name, born at 12
+    assert plan.factors()["act1_slot.module"] == 1.0
+    assert "act1_slot.module" not in plan.strategies[0].state_dict()["frozen_at"]
+    at_step(model, opt, 16)
+    assert plan.factors()["act1_slot.module"] == 1.0
+    at_step(model, opt, 17)  # 5 steps old
+    assert plan.factors()["act1_slot.module"] == 0.0
+
+
 @pytest.mark.parametrize("make", OPTIMIZERS)
 def test_differential_decay_grown_adjacent_distant(make) -> None:
     model, plan, opt = setup([DifferentialDecay(grown=0.9, adjacent=0.7, distant=0.5)], make)

@@ -140,6 +140,8 @@ class ProgressiveFreezing(Strategy):
 
     ``frozen`` is the factor of a frozen unit (0: no update at all). With ``keep_last`` the
     last depth never freezes. State: the step at which each unit froze (saved with the plan).
+    A unit created after that step under the name of a frozen one (detached, then attached
+    again at the same slot) is a new unit and is not frozen before its own time.
 
     Example:
         >>> ProgressiveFreezing(every=500, frozen=0.0).frozen_at
@@ -160,8 +162,11 @@ class ProgressiveFreezing(Strategy):
         self.frozen_at: dict[str, int] = {}
 
     def factor(self, unit: Unit, ctx: LRContext) -> float:
-        if unit.name in self.frozen_at:
+        froze = self.frozen_at.get(unit.name)
+        if froze is not None and froze > unit.birth:
             return self.frozen
+        if froze is not None:  # an earlier unit of the same name (removed, then re-created)
+            del self.frozen_at[unit.name]
         if self.keep_last and unit.depth == ctx.layers - 1:
             return 1.0
         due = self.start + (unit.depth + 1) * self.every

@@ -188,8 +188,12 @@ class LRPlan(Callback):
 
     # ------------------------------------------------------------------ the optimizer
     def attach(self, optimizer: torch.optim.Optimizer) -> LRPlan:
-        """Regroup ``optimizer`` (one group per unit, hyperparameters taken from each
-        unit's current group, state kept), set its learning rates and keep them current.
+        """Regroup ``optimizer`` (one group per unit, state kept), set its learning rates and
+        keep them current.
+
+        Every parameter keeps the hyperparameters of the group it was in: a unit whose
+        parameters sat in groups with different settings (say weight decay on weights, none
+        on biases) gets one group per setting, all named after the unit.
 
         Parameters of the model that ``optimizer`` does not hold stay out of it.
 
@@ -300,15 +304,19 @@ class LRPlan(Callback):
             )
         groups = []
         for u in self.context().units:
-            params = [q for q in u.params if id(q) in owner]
-            if not params:
-                continue
-            src = owner[id(params[0])]
-            group = {k: v for k, v in src.items() if k != "params"}
-            if isinstance(group.get("lr"), Tensor):
-                group["lr"] = group["lr"].clone()
-            group.update(params=params, name=u.group)
-            groups.append(group)
+            # one group per (unit, source group): a unit whose parameters sat in groups with
+            # different settings (e.g. no weight decay on biases) keeps each one's settings
+            split: dict[int, list[Tensor]] = {}
+            for q in u.params:
+                if id(q) in owner:
+                    split.setdefault(id(owner[id(q)]), []).append(q)
+            for params in split.values():
+                src = owner[id(params[0])]
+                group = {k: v for k, v in src.items() if k != "params"}
+                if isinstance(group.get("lr"), Tensor):
+                    group["lr"] = group["lr"].clone()
+                group.update(params=params, name=u.group)
+                groups.append(group)
         optimizer.param_groups[:] = groups
         self._grouped = st.version
         self._scale_cache = {k: v for k, v in self._scale_cache.items() if k in owner}
