@@ -177,14 +177,16 @@ def test_two_param_groups() -> None:
     assert groups == [["0.weight", "2.weight", "4.weight"], ["0.bias", "2.bias", "4.bias"]]
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]
 
-    dynarch.deepen(model, "0", optimizer=opt)  # joins the group of the parameter before it
+    # a new weight joins the weights' group, a new bias the biases' (in model order); the
+    # slot's alpha, like no parameter, follows the parameter right before it (2.bias)
+    dynarch.deepen(model, "0", optimizer=opt)
     dynarch.attach(model, "after:3", nn.Linear(12, 12), optimizer=opt)
     groups = [_names(model, g["params"]) for g in opt.param_groups]
     assert groups == [
-        ["0.weight", "2.weight", "4.weight"],
-        ["0.bias", "1_deep.weight", "1_deep.bias", "2.bias", "3_slot.alpha", "3_slot.module.weight",
-         "3_slot.module.bias", "4.bias"],
-    ]  # fmt: skip
+        ["0.weight", "1_deep.weight", "2.weight", "3_slot.module.weight", "4.weight"],
+        ["0.bias", "1_deep.bias", "2.bias", "3_slot.alpha", "3_slot.module.bias", "4.bias"],
+    ]
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]
     assert_consistent(model, opt)
     train(model, opt, 2, (8, 6))
     slot_params = list(model.get_submodule("3_slot").parameters())
@@ -192,7 +194,10 @@ def test_two_param_groups() -> None:
     dynarch.detach(model, "after:3", optimizer=opt)
     assert not any(p in opt.state for p in slot_params)
     groups = [_names(model, g["params"]) for g in opt.param_groups]
-    assert groups[1] == ["0.bias", "1_deep.weight", "1_deep.bias", "2.bias", "4.bias"]
+    assert groups == [
+        ["0.weight", "1_deep.weight", "2.weight", "4.weight"],
+        ["0.bias", "1_deep.bias", "2.bias", "4.bias"],
+    ]
     assert_consistent(model, opt)
 
 
@@ -203,6 +208,17 @@ def test_first_module_params_without_anchor_go_to_group_zero() -> None:
     )
     dynarch.attach(model, "after:0", nn.Identity(), optimizer=opt)
     assert _names(model, opt.param_groups[0]["params"]) == ["1.weight", "0_slot.alpha"]
+
+
+def test_new_parameters_follow_a_frozen_neighbour_into_the_group_of_their_kind() -> None:
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    dynarch.deepen(model, "0", optimizer=opt)  # the parameters before it are frozen
+    # they join the optimizer after the nearest held weight (none before them: 2.weight)
+    assert _names(model, opt.param_groups[0]["params"]) == [
+        "2.weight", "1_deep.weight", "1_deep.bias", "2.bias", "4.weight", "4.bias"
+    ]  # fmt: skip
 
 
 def test_parameters_outside_the_optimizer_stay_outside() -> None:

@@ -79,17 +79,55 @@ def insert_after(
 
 
 def _anchored(
-    model: nn.Module, new_params: list[nn.Parameter]
+    model: nn.Module,
+    new_params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[tuple[nn.Parameter, nn.Parameter | None]]:
-    """Each new parameter with the model parameter right before it (for optimizer order)."""
+    """Each new parameter with the parameter it follows in ``optimizer`` (see ``transplant``).
+
+    A new parameter joins the group of the nearest *like* parameter the optimizer holds
+    (same attribute name, e.g. ``weight``, and number of dims; the nearest before it, else
+    after it), so with a weights/biases split (say weight decay on weights only) a new
+    layer's weight joins the weights' group and its bias the biases'. Within the group it
+    follows the nearest parameter before it in model order (or the like parameter, when
+    none is before it). Without a like parameter it follows the parameter right before it
+    in the model; with a single group the model's order is kept.
+    """
+    named = list(model.named_parameters())
     fresh = {id(p) for p in new_params}
+    group_of = (
+        {id(q): gi for gi, g in enumerate(optimizer.param_groups) for q in g["params"]}
+        if optimizer is not None
+        else {}
+    )
     out: list[tuple[nn.Parameter, nn.Parameter | None]] = []
-    prev: nn.Parameter | None = None
-    for p in model.parameters():
-        if id(p) in fresh:
-            out.append((p, prev))
-        prev = p
+    for i, (_, p) in enumerate(named):
+        if id(p) not in fresh:
+            continue
+        anchor = named[i - 1][1] if i > 0 else None
+        like = _like(named, i, fresh, group_of)
+        target = group_of.get(id(like)) if like is not None else None
+        if target is not None:
+            before = [q for _, q in named[:i] if group_of.get(id(q)) == target]
+            anchor = before[-1] if before else like
+        if anchor is not None and id(anchor) in group_of:
+            group_of[id(p)] = group_of[id(anchor)]
+        out.append((p, anchor))
     return out
+
+
+def _like(
+    named: list[tuple[str, nn.Parameter]], i: int, fresh: set[int], held: dict[int, int]
+) -> nn.Parameter | None:
+    """The nearest old parameter in ``held`` with the attribute name and dims of ``i``'s."""
+    name, p = named[i]
+    leaf = name.rsplit(".", 1)[-1]
+    for j in [*range(i - 1, -1, -1), *range(i + 1, len(named))]:
+        other, q = named[j]
+        same = other.rsplit(".", 1)[-1] == leaf and q.dim() == p.dim()
+        if same and id(q) in held and id(q) not in fresh:
+            return q
+    return None
 
 
 def _single_call(calls: dict[str, list[fx.Node]], name: str) -> fx.Node:
@@ -187,7 +225,7 @@ def deepen(
         new.append((base + "_act", copy.deepcopy(act)))
     with transaction(model, "deepen", after, reason=reason, record=record) as tx:
         names, _ = insert_after(model, anchor, new)
-        transplant(optimizer, added=_anchored(model, list(layer.parameters())))
+        transplant(optimizer, added=_anchored(model, list(layer.parameters()), optimizer))
         tx.details = {
             "anchor": anchor,
             "inserted": names,
@@ -261,7 +299,7 @@ def attach(
 
     with transaction(model, "attach", slot, reason=reason, record=record) as tx:
         (name,), wrapped = insert_after(model, anchor, [(_split(anchor)[1] + "_slot", wrapper)])
-        transplant(optimizer, added=_anchored(model, list(wrapper.parameters())))
+        transplant(optimizer, added=_anchored(model, list(wrapper.parameters()), optimizer))
         if optimizer is not None and any(
             m._buffers.get(MASK) is not None for m in module.modules()
         ):

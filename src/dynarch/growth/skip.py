@@ -301,7 +301,7 @@ def add_skip(
 
 def _join(model: nn.Module, skip: SkipConnection, optimizer: torch.optim.Optimizer | None) -> None:
     """Add the skip's parameter to ``optimizer`` (and enforce its mask)."""
-    transplant(optimizer, added=_anchored(model, list(skip.parameters())))
+    transplant(optimizer, added=_anchored(model, list(skip.parameters()), optimizer))
     if optimizer is not None and skip.proj._buffers.get(MASK) is not None:
         enforce(model, optimizer)
 
