@@ -121,8 +121,9 @@ def test_gmp_update_state_and_resume() -> None:
 
 def test_gmp_prunes_at_step_zero_on_fit_start() -> None:
     model = mlp()
-    gmp = GradualMagnitudePruning(model, sgd(model), 0.8, 0, 10, 5, initial_sparsity=0.5)
-    Trainer(model, sgd(model), DATA, max_steps=1, callbacks=[gmp], progress=False).fit()
+    opt = sgd(model)
+    gmp = GradualMagnitudePruning(model, opt, 0.8, 0, 10, 5, initial_sparsity=0.5)
+    Trainer(model, opt, DATA, max_steps=1, callbacks=[gmp], progress=False).fit()
     assert [(e.step, e.details["target"]) for e in dynarch.history(model)] == [(0, 0.5)]
 
 
@@ -176,6 +177,48 @@ def test_otp_with_trainer() -> None:
     }
     with pytest.raises(ValueError, match=r"OverparameterizeThenPrune state must have keys"):
         other.load_state_dict({"step": 1})
+
+
+@pytest.mark.parametrize("kind", ["otp", "gmp"])
+def test_schedule_without_optimizer_adopts_the_trainers(kind: str) -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched: GradualMagnitudePruning | OverparameterizeThenPrune
+    if kind == "otp":
+        sched = OverparameterizeThenPrune(model, None, 0.75, total_steps=20, train_frac=0.2)
+    else:
+        sched = GradualMagnitudePruning(model, None, 0.75, 4, 8, 2)
+    Trainer(model, opt, DATA, batch_size=4, max_steps=20, callbacks=[sched], progress=False).fit()
+    masks = {n: m for n, m in model.named_modules() if hasattr(m, "weight_mask")}
+    assert set(masks) == set(SIZES)  # pruned, then fine-tuned with momentum for 12 steps
+    assert all(int(m.weight[~m.weight_mask].count_nonzero()) == 0 for m in masks.values())
+    assert all(
+        not opt.state[m.weight]["momentum_buffer"][~m.weight_mask].any() for m in masks.values()
+    )
+
+
+def test_schedule_refuses_another_trainer_optimizer_or_model() -> None:
+    model = mlp()
+    otp = OverparameterizeThenPrune(model, sgd(model), 0.5, total_steps=10)
+    trainer = Trainer(model, sgd(model), DATA, batch_size=4, max_steps=2, progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"OverparameterizeThenPrune: .*another optimizer .* pass the trainer's optimizer",
+    ):
+        otp.on_fit_start(trainer)
+    gmp = GradualMagnitudePruning(mlp(), None, 0.5, 0, 4, 1)
+    with pytest.raises(
+        ValueError, match=r"GradualMagnitudePruning: the trainer trains another model"
+    ):
+        gmp.on_fit_start(trainer)
+    frozen = mlp()
+    gmp = GradualMagnitudePruning(frozen, None, 0.5, 0, 4, 1)
+    other = torch.optim.SGD([frozen[0].bias], lr=0.1)
+    with pytest.raises(
+        ValueError, match=r"GradualMagnitudePruning: the optimizer does not hold the weights"
+    ):
+        gmp.on_fit_start(Trainer(frozen, other, DATA, batch_size=4, max_steps=2, progress=False))
+    assert dynarch.history(model) == [] and dynarch.history(frozen) == []
 
 
 def test_schedule_errors() -> None:

@@ -80,6 +80,8 @@ class GradualMagnitudePruning(Callback):
     ``final_sparsity`` at ``end_step``. ``scope="layer"`` gives every layer that sparsity,
     ``"global"`` ranks all weights together. A schedule value of 0 prunes nothing. Use it
     as a trainer callback, or call :meth:`update` with the step in your own loop.
+    ``optimizer`` is the one that trains ``model`` (pruned weights and their state are kept
+    zero after its steps); as a callback, ``None`` takes the trainer's.
 
     Example:
         >>> model = nn.Linear(10, 10)
@@ -165,7 +167,27 @@ class GradualMagnitudePruning(Callback):
         )
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        self.adopt(trainer, owner=type(self).__name__)
         self.update(trainer.step)  # a schedule starting at step 0 prunes before training
+
+    def adopt(self, trainer: Trainer, owner: str = "GradualMagnitudePruning") -> None:
+        """Take the trainer's optimizer when none was given (so pruned weights stay zero);
+        refuse a trainer that trains another model or with another optimizer."""
+        if trainer.model is not self.model:
+            raise ValueError(
+                f"{owner}: the trainer trains another model than the one this "
+                "schedule prunes; give both the same model"
+            )
+        if self.optimizer is None:
+            layers = select_layers(self.model, self.include, self.exclude)
+            check_held(trainer.optimizer, layers, owner=owner)
+            self.optimizer = trainer.optimizer
+        elif self.optimizer is not trainer.optimizer:
+            raise ValueError(
+                f"{owner}: the trainer steps another optimizer than the one "
+                "given to this schedule, so pruned weights would not stay zero; pass the "
+                "trainer's optimizer (or None to use it)"
+            )
 
     def on_step_end(self, trainer: Trainer) -> None:
         self.update(trainer.step)
@@ -198,7 +220,8 @@ class OverparameterizeThenPrune(Callback):
     :class:`GradualMagnitudePruning`) every ``frequency`` steps (default: about 10 prunings
     over the phase) until ``target_sparsity`` at its last step; the remaining steps are the
     ``"finetune"`` phase with the masks fixed. :attr:`phase` is the phase of the last step
-    seen (``"train"`` before any).
+    seen (``"train"`` before any). ``optimizer``: as in :class:`GradualMagnitudePruning`
+    (``None`` takes the trainer's).
 
     Example:
         >>> model = nn.Linear(10, 10)
@@ -277,6 +300,7 @@ class OverparameterizeThenPrune(Callback):
         return self.pruning.update(step)
 
     def on_fit_start(self, trainer: Trainer) -> None:
+        self.pruning.adopt(trainer, owner=type(self).__name__)
         self.update(trainer.step)
 
     def on_step_end(self, trainer: Trainer) -> None:
