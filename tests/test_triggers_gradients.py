@@ -72,6 +72,26 @@ def test_welford_statistics_exact() -> None:
     assert spike.update() is True and spike.where() == ["0"]
 
 
+@pytest.mark.parametrize("momentum", [None, 0.5])
+def test_non_finite_gradients_are_skipped(momentum: float | None) -> None:
+    model = _model()
+    spike = GradientVarianceSpike(model, k=2.0, warmup=2, momentum=momentum)
+    _grads(model, math.inf, 2.0)  # layer "0" overflows on its first observation
+    assert spike.observe() is False
+    assert list(spike.statistics()) == ["0", "1"]
+    assert spike.statistics()["0"]["count"] == 0
+    for a in (1.0, 1.0):
+        _grads(model, a, 2.0)
+        assert spike.observe() is False
+    before = spike.statistics()
+    _grads(model, math.nan, 2.0)
+    assert spike.observe() is False
+    assert spike.statistics() == {"0": before["0"], "1": {**before["1"], "count": 4}}
+    assert before["0"] == {"count": 2, "mean": 1.0, "std": 0.0}
+    _grads(model, 3.0, 2.0)  # still detected after the overflowed steps
+    assert spike.observe() is True and spike.update() is True and spike.where() == ["0"]
+
+
 def test_no_spike_during_warmup_and_variances() -> None:
     model = _model()
     spike = GradientVarianceSpike(model, warmup=3)

@@ -38,7 +38,8 @@ class GradientVarianceSpike(Trigger):
     with ``momentum`` (``d = v - mean; mean += (1 - momentum) * d;
     var = momentum * (var + (1 - momentum) * d**2)``), or with ``momentum=None`` the exact
     mean/population variance of all observations (Welford). A layer's first observation sets
-    ``mean = v, var = 0``.
+    ``mean = v, var = 0``. A non-finite ``v`` (an overflowed mixed-precision step, which
+    ``GradScaler`` skips) neither spikes nor joins the statistics.
 
     **Asking.** :meth:`update` answers whether any observation since the previous ``update``
     (or :meth:`reset`) spiked, and :meth:`where` then names the spiking layers, largest ``z``
@@ -171,8 +172,10 @@ class GradientVarianceSpike(Trigger):
             return False
         index = self._index(names)
         count, mean, var = self._count[index], self._mean[index], self._var[index]
+        ok = torch.isfinite(v)  # an overflowed (fp16) step: skipped, like GradScaler does
+        v = torch.where(ok, v, mean)
         std = var.sqrt()
-        spiked = (count >= self.warmup) & (v > mean + self.k * std)
+        spiked = ok & (count >= self.warmup) & (v > mean + self.k * std)
         z = torch.where(std > 0, (v - mean) / std, torch.full_like(v, math.inf))
         d = v - mean
         if self.momentum is None:
@@ -183,9 +186,9 @@ class GradientVarianceSpike(Trigger):
             new_mean = mean + (1 - self.momentum) * d
             new_var = self.momentum * (var + (1 - self.momentum) * d * d)
         first = count == 0
-        self._mean[index] = torch.where(first, v, new_mean)
-        self._var[index] = torch.where(first, torch.zeros_like(v), new_var)
-        self._count[index] = count + 1
+        self._mean[index] = torch.where(ok, torch.where(first, v, new_mean), mean)
+        self._var[index] = torch.where(ok, torch.where(first, torch.zeros_like(v), new_var), var)
+        self._count[index] = count + ok.to(count.dtype)
         hits = spiked.nonzero().flatten().tolist()
         for i, score in zip(hits, z[spiked].tolist()):
             self._pending[names[i]] = max(score, self._pending.get(names[i], -math.inf))
