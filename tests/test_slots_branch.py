@@ -233,3 +233,23 @@ def test_a_branch_added_already_sparse_keeps_its_masked_weights_zero() -> None:
     assert int(lin.weight_mask.sum()) == 16
     assert int((lin.weight[~lin.weight_mask] != 0).sum()) == 0
     assert int((lin.weight[lin.weight_mask] != 0).sum()) == 16
+
+
+def test_save_refuses_a_branch_recorded_on_the_layer_alone(tmp_path: Path) -> None:
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net[0].add_branch(_branch(1), optimizer=opt)  # before the model has history: in its base
+    net[0].add_branch(_branch(2), model=net, optimizer=opt)
+    loaded = dynarch.load(dynarch.save(tmp_path / "ok", net, opt))
+    assert torch.equal(loaded.model(X), net(X))
+    net[0].add_branch(_branch(3), optimizer=opt)  # after: the model's events cannot replay it
+    with pytest.raises(
+        dynarch.checkpoint.CheckpointError,
+        match=re.escape(
+            "submodule '0' has structural changes ['branch', 'branch'] recorded on its own "
+            "history, not on the model's, so the checkpoint could not rebuild them; make changes "
+            "through the model (e.g. BranchableLayer.add_branch(..., model=model)"
+        ),
+    ):
+        dynarch.save(tmp_path / "lost", net, opt)
+    assert not (tmp_path / "lost").exists() and list(tmp_path.iterdir()) == [tmp_path / "ok"]

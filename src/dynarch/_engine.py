@@ -11,6 +11,7 @@ state is never consumed.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ __all__ = ["EngineState", "Transaction", "engine_state", "history", "set_seed", 
 
 _ATTR = "_dynarch_engine"
 DEFAULT_SEED = 0
+_ORDER = itertools.count()  # orders base captures and events across all models
 
 
 def count_params(model: nn.Module) -> int:
@@ -43,6 +45,8 @@ class EngineState:
     version: int = 0
     history: list[Event] = field(default_factory=list)
     base_spec: dict[str, Any] | None = None
+    base_order: int = -1  # when base_spec was captured (see _ORDER)
+    last_order: int = -1  # when the latest event was recorded
     slots: dict[str, str] = field(default_factory=dict)  # slot -> attached module name
     wrapped: set[str] = field(default_factory=set)  # attached names whose anchor was wrapped
     listeners: list[Callable[[Event], None]] = field(default_factory=list)
@@ -116,6 +120,7 @@ def transaction(
         from .spec import describe_model
 
         st.base_spec = describe_model(model)
+        st.base_order = next(_ORDER)
     before = count_params(model)
     t0 = time.perf_counter()
     tx = Transaction(model=model, op=op, target=target, reason=reason)
@@ -137,5 +142,6 @@ def transaction(
     tx.event = event
     if record:
         st.history.append(event)
+        st.last_order = next(_ORDER)
         for fn in list(st.listeners):
             fn(event)

@@ -143,8 +143,9 @@ def save(
     for key, value in state.items():
         _check_state_values(value, key)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     st = engine_state(model)
+    _check_no_lost_events(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -198,6 +199,29 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _check_no_lost_events(model: nn.Module) -> None:
+    """Refuse a model with changes recorded on a submodule's own history after the model's
+    architecture was captured: its checkpoint could not be rebuilt by replaying events."""
+    st = engine_state(model)
+    if st.base_spec is None:
+        return  # nothing recorded on the model: its current architecture is the base
+    lost = [
+        (name, sub.__dict__[_ENGINE_ATTR])
+        for name, sub in model.named_modules()
+        if sub is not model and _ENGINE_ATTR in sub.__dict__
+    ]
+    lost = [(n, s) for n, s in lost if s.last_order > st.base_order and s.history]
+    if lost:
+        name, sub_st = lost[0]
+        ops = [e.op for e in sub_st.history]
+        raise CheckpointError(
+            f"submodule '{name}' has structural changes {ops} recorded on its own history, not "
+            "on the model's, so the checkpoint could not rebuild them; make changes through the "
+            f"model (e.g. BranchableLayer.add_branch(..., model=model), or an op on the model "
+            f"with target '{name}...')"
+        )
 
 
 @dataclass

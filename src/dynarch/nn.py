@@ -125,7 +125,9 @@ class BranchableLayer(nn.Module):
         """Add ``module`` as a new branch through the engine (see :func:`add_branch`).
 
         ``model`` is the model holding this layer (default: the layer itself), whose history
-        records the ``"branch"`` event.
+        records the ``"branch"`` event. Pass it whenever the layer sits inside a model: an
+        event recorded on the layer alone cannot be replayed from the model's checkpoint, so
+        :func:`dynarch.save` of that model refuses it.
 
         Example:
             >>> net = nn.Sequential(BranchableLayer(nn.Linear(4, 4)), nn.ReLU())
