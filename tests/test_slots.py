@@ -100,6 +100,11 @@ def test_bad_functional_name(name: str) -> None:
     topo = SlotTopology(1, 1, names={"taken": "r0c0"})
     with pytest.raises(ValueError, match=re.escape(f"functional slot name {name!r} must be")):
         topo.add_name(name, "r0c0")
+    with pytest.raises(ValueError, match=re.escape(f"functional slot name {name!r} must be")):
+        topo.add_slot("after:fc1", name=name)
+    assert "after:fc1" not in topo  # nothing added by the refused call
+    assert topo.add_slot("after:fc1", name="fc1_slot").id == "after:fc1"
+    assert topo.resolve("fc1_slot") == "after:fc1"
 
 
 def test_name_for_unknown_slot() -> None:

@@ -270,6 +270,25 @@ def test_remove_detaches_and_embargoes() -> None:
     check_optimizer(model, opt)
 
 
+def test_a_hand_written_loop_steps_the_slots_and_the_events() -> None:
+    model = _mlp()
+    net = SlottedNetwork(model, SlotTopology(2, 1, embargo_steps=2), alpha_schedule=LinearRamp(4))
+    net.add_module_to_slot("r0c0", _randomised(1))
+    for step in range(1, 4):
+        net.update(step)
+    assert engine_state(model).step == 3
+    assert net.remove_module_from_slot("r0c0").step == 3
+    assert net.add_module_to_slot("r1c0", _randomised(2)).step == 3
+    event = net.add_module_to_slot("r0c0", _randomised(3), step=5)  # the embargo ended at 5
+    assert event.step == 5 and engine_state(model).step == 5
+    assert [(s.id, s.state.value, s.since) for s in net.topology] == [
+        ("r0c0", "germinated", 5),
+        ("r1c0", "germinated", 3),
+    ]
+    with pytest.raises(ValueError, match="step must be an int >= 0, got -1"):
+        net.update(-1)
+
+
 # ---------------------------------------------------------------- optimizer
 def test_optimizer_keeps_old_state_and_gets_new_params() -> None:
     model = _mlp()

@@ -198,8 +198,15 @@ class SlottedNetwork(Callback):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    def _step(self) -> int:
-        return engine_state(self.model).step
+    def _step(self, step: int | None = None) -> int:
+        """``step``, or the engine's step when ``None``; a given step ahead of the engine's
+        becomes the engine's (a hand-written loop's clock stamps the slot events too)."""
+        st = engine_state(self.model)
+        if step is None:
+            return st.step
+        step = check_int("step", step, 0)
+        st.step = max(st.step, step)
+        return step
 
     def _tail(self, anchor: str) -> str:
         """The module a new module on ``anchor`` is attached after: the end of its chain."""
@@ -214,9 +221,15 @@ class SlottedNetwork(Callback):
         module = self.model.get_submodule(name) if name is not None else None
         return module if isinstance(module, Residual) else None
 
-    def add_module_to_slot(self, slot_id: str, module: nn.Module, *, reason: str = "") -> Event:
-        """Attach ``module`` in the dormant slot ``slot_id`` (alpha 0): dormant → germinated."""
-        step = self._step()
+    def add_module_to_slot(
+        self, slot_id: str, module: nn.Module, *, reason: str = "", step: int | None = None
+    ) -> Event:
+        """Attach ``module`` in the dormant slot ``slot_id`` (alpha 0): dormant → germinated.
+
+        ``step`` defaults to the engine's step (the trainer keeps it current; in your own
+        loop :meth:`update` with a step moves it).
+        """
+        step = self._step(step)
         self.topology.tick(step)
         slot = self.topology.check(slot_id, S.GERMINATED, step)
         if slot.anchor is None:
@@ -230,9 +243,13 @@ class SlottedNetwork(Callback):
         self.topology.transition(slot.id, S.GERMINATED, step)
         return event
 
-    def remove_module_from_slot(self, slot_id: str, *, reason: str = "") -> Event:
-        """Detach the module of training slot ``slot_id``: training → pruned → embargoed."""
-        step = self._step()
+    def remove_module_from_slot(
+        self, slot_id: str, *, reason: str = "", step: int | None = None
+    ) -> Event:
+        """Detach the module of training slot ``slot_id``: training → pruned → embargoed
+        (``step`` as in :meth:`add_module_to_slot`)."""
+        step = self._step(step)
+        self.topology.tick(step)
         slot = self.topology.check(slot_id, S.PRUNED, step)
         why = f"{reason}; slot {slot.id}" if reason else f"slot {slot.id}"
         event = detach(self.model, slot.key or "", optimizer=self.optimizer, reason=why)
@@ -243,13 +260,13 @@ class SlottedNetwork(Callback):
 
     def start_training(self, slot_id: str, step: int | None = None) -> None:
         """germinated → training (:meth:`update` does this for every germinated slot)."""
-        step = self._step() if step is None else step
+        step = self._step(step)
         self.topology.transition(slot_id, S.TRAINING, step)
         self._set_alpha(slot_id, 0)
 
     def integrate(self, slot_id: str, step: int | None = None) -> None:
         """training → integrated (terminal: the module stays)."""
-        self.topology.transition(slot_id, S.INTEGRATED, self._step() if step is None else step)
+        self.topology.transition(slot_id, S.INTEGRATED, self._step(step))
 
     def _set_alpha(self, slot_id: str, t: int) -> None:
         res = self.residual(slot_id)
@@ -258,8 +275,9 @@ class SlottedNetwork(Callback):
                 res.alpha.fill_(float(self.alpha_schedule(t)))
 
     def update(self, step: int | None = None) -> None:
-        """Advance the slots to ``step`` (default: the engine's step); see the class doc."""
-        step = self._step() if step is None else check_int("step", step, 0)
+        """Advance the slots to ``step`` (default: the engine's step; a later step given
+        here becomes the engine's, for a hand-written loop); see the class doc."""
+        step = self._step(step)
         self.topology.tick(step)
         for slot in self.topology:
             if slot.state is S.GERMINATED:

@@ -126,18 +126,23 @@ class SlotTopology:
             raise ValueError(f"a layer slot id is 'after:<module name>', got {slot_id!r}")
         if slot_id in self._slots:
             raise ValueError(f"slot '{slot_id}' already exists")
+        if name is not None:
+            self._check_name(name)  # before adding: a refused name leaves no slot behind
         self._slots[slot_id] = Slot(slot_id, anchor=slot_id.removeprefix("after:"))
         if name is not None:
             self.add_name(name, slot_id)
         return self._slots[slot_id]
 
-    def add_name(self, name: str, slot_id: str) -> None:
-        """Make ``name`` a functional alias of ``slot_id`` (a new ``after:`` id is added)."""
+    def _check_name(self, name: object) -> None:
         if not isinstance(name, str) or not name or name.startswith("after:") or name in self:
             raise ValueError(
                 f"functional slot name {name!r} must be a non-empty string that is not a slot id "
                 "or a name already in use"
             )
+
+    def add_name(self, name: str, slot_id: str) -> None:
+        """Make ``name`` a functional alias of ``slot_id`` (a new ``after:`` id is added)."""
+        self._check_name(name)
         if isinstance(slot_id, str) and slot_id.startswith("after:") and slot_id not in self:
             self.add_slot(slot_id)
         self._names[name] = self.resolve(slot_id)
