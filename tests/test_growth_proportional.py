@@ -119,3 +119,20 @@ def test_errors() -> None:
         ValueError, match="cannot grow 16 connections: the masked layers have only 0 inac"
     ):
         grow_proportional(full, 1.0)
+
+
+def test_no_skip_across_a_pooling_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 2 * 2, 3),
+    )  # fmt: skip
+    sparsify(model, 0.3)
+    assert skip_pairs(model, analyse(model)) == [("1", "4")]  # not 3 -> 7 or 5 -> 10: pooled
+    events = grow_proportional(model, 0.1)
+    assert [(e.op, e.details.get("source")) for e in events] == [
+        ("skip", "1"),
+        ("proportional", None),
+    ]
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)

@@ -84,9 +84,19 @@ def test_conv_skip_and_spatial_mismatch() -> None:
     assert event.details["kind"] == "Conv2d"
     assert model[4].skip.proj.weight.shape == (3, 4, 1, 1)
     assert torch.equal(model(x), before)
-    add_skip(model, "3", "7")  # 6x6 map added to a 3x3 one: fails at the first forward
-    with pytest.raises(RuntimeError, match=r"skip from '3' to '7': the projected source has shape"):
-        model(x)
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"cannot add a skip from '3' to '7': '6' \(MaxPool2d\) between them can change the "
+        r"feature maps' spatial size, and a 1x1 skip needs maps of the same size; pick a target",
+    ):
+        add_skip(model, "3", "7")  # 6x6 maps to 3x3 ones
+    strided = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, 2, 1),
+                            nn.ReLU(), nn.Conv2d(4, 4, 3, padding="same"))  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match=r"'2' \(Conv2d\) between them"):
+        add_skip(strided, "1", "4")
+    add_skip(strided, "3", "4")  # stride 1, 'same' padding: the size is kept
+    assert strided(x).shape == (2, 4, 3, 3)
+    assert [e.op for e in dynarch.history(model)] == ["skip"]
 
 
 def test_widen_and_shrink_through_a_skip() -> None:
@@ -257,3 +267,29 @@ def test_highway_nothing_dead_and_errors() -> None:
     with pytest.raises(ValueError, match="the Extrema given watches another model"):
         highways(model, Extrema(net()))
     assert not dynarch.history(model)
+
+
+def test_highway_zeroes_the_dead_units_in_earlier_skips() -> None:
+    model = dead_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    add_skip(model, "act1", "fc3", optimizer=opt)
+    with torch.no_grad():
+        model.fc3.skip.proj.weight.normal_()  # as if trained
+    before = model(X)
+    highways(model, {"fc1": [1, 4]}, optimizer=opt)
+    assert torch.equal(model(X), before)
+    assert bool((model.fc3.skip.proj.weight[:, [1, 4]] == 0).all())
+    assert bool((model.fc3.skip.proj.weight[:, [0, 2, 3]] != 0).all())
+    assert list(skips(model)) == ["fc3.skip", "fc3.skip2"]
+
+
+def test_highway_refuses_a_skip_reading_the_units_before_their_activation() -> None:
+    model = dead_net()
+    add_skip(model, "fc1", "fc3")
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"skip 'fc3.skip' reads them from 'fc1', not from the post-activation output "
+        r"'act1', so re-pointing them would change what it receives; remove that skip first",
+    ):
+        highways(model, {"fc1": [1, 4]})
+    assert [e.op for e in dynarch.history(model)] == ["skip"]

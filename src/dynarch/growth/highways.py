@@ -9,7 +9,9 @@ event per layer:
    ``U(-b, b)``, ``b = 1/sqrt(fan_in)`` (engine generator; masked positions stay zero) and
    their biases set to 0, so they carry ``L``'s input again; their optimizer state is reset;
 2. **reroute**: their outgoing connections in ``P1`` (the input columns ``D``) are zeroed
-   (and switched off in ``P1``'s mask when it is masked; optimizer state reset);
+   (and switched off in ``P1``'s mask when it is masked; optimizer state reset), and so are
+   the columns ``D`` of every earlier skip reading ``L``'s post-activation output (a skip
+   reading ``L``'s units before the activation is refused);
 3. **highway**: a zero-initialised, masked skip projection (:mod:`dynarch.growth.skip`) from
    ``L``'s post-activation output to ``P_span``'s output, whose only active connections are
    the columns ``D`` (``len(D) × width(P_span)`` weights), bypassing ``P1 … P_{span-1}``.
@@ -46,14 +48,14 @@ from torch import Tensor, nn
 
 from .._engine import engine_state, transaction
 from .._validate import check_int, check_optimizer
-from ..activity import Extrema, post_activation
+from ..activity import Extrema, carrier, post_activation
 from ..events import Event
 from ..graph import ModelGraph, UnsupportedModelError, analyse
 from ..masks import MASK
 from ..remap import out_units
 from ..sparse._ops import fan_in_bound, state_tensors
 from ._units import check_reason, get_layer, unit_indices
-from .skip import _details, _join, _skip_replay, build_skip, plan_skip
+from .skip import _details, _join, _skip_replay, build_skip, plan_skip, skips
 
 __all__ = ["chain", "highways"]
 
@@ -152,17 +154,20 @@ def highways(
                 "a highway needs a layer reading them one column each"
             )
         source = post_activation(graph, name)
-        plans[name] = (path, source, plan_skip(model, source, path[-1], graph))
+        readers = _skip_readers(model, graph, name, source)
+        plans[name] = (path, source, plan_skip(model, source, path[-1], graph), readers)
     gen = engine_state(model).generator
     events = []
     for name, units in dead.items():
-        path, source, (kind, n_in, n_out) = plans[name]
+        path, source, (kind, n_in, n_out), readers = plans[name]
         layer, first = get_layer(model, name), get_layer(model, path[0])
         mask = torch.zeros(n_out, n_in, *((1, 1) if kind == "Conv2d" else ()), dtype=torch.bool)
         mask[:, units] = True
         with transaction(model, "highway", name, reason=reason) as tx:
             _repoint(layer, units, optimizer, gen)
             _reroute(first, units, optimizer)
+            for reader in readers:  # earlier skips reading these units: their columns too
+                _reroute(reader, units, optimizer)
             skip_name, skip = build_skip(
                 model, source, path[-1], kind=kind, n_in=n_in, n_out=n_out, mask=mask
             )
@@ -173,6 +178,28 @@ def highways(
         assert tx.event is not None
         events.append(tx.event)
     return events
+
+
+def _skip_readers(
+    model: nn.Module, graph: ModelGraph, name: str, source: str
+) -> list[nn.Linear | nn.Conv2d]:
+    """Projections of the skips reading ``name``'s units (from its post-activation output
+    ``source``); a skip reading them elsewhere (before the activation) is refused, since
+    re-pointing the dead units changes what it receives."""
+    modules = {id(m): n for n, m in model.named_modules()}
+    found = []
+    for skip_name, skip in skips(model).items():
+        src = modules.get(id(skip.__dict__.get("_source_module")))
+        if src is None or carrier(graph, src) != name:
+            continue
+        if src != source:
+            raise UnsupportedModelError(
+                f"cannot route the dead units of '{name}' into a highway: skip '{skip_name}' "
+                f"reads them from '{src}', not from the post-activation output '{source}', so "
+                "re-pointing them would change what it receives; remove that skip first"
+            )
+        found.append(skip.proj)
+    return found
 
 
 def _repoint(
