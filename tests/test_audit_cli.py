@@ -545,6 +545,14 @@ BAD_CONFIGS = [
     ([*SPARSE, "growth.max_params=359"], "growth.max_params: 359 caps the active parameters at "
      "359, but the model starts with 359 (at sparsity.density 0.3), so it could never grow; "
      "give a fraction above 0.327 or a count above 359"),
+    (["sparsity.density=0.001"], "sparsity.density: layer 'fc2' (256 weights, shape (16, 16)) "
+     "would get 0 active weights at density 0.001 with distribution 'erk'; the minimal density "
+     "that works is 0.00284"),
+    (["model.hidden=[]", "growth.policy=tournament"], "growth: the model has no hidden layer to "
+     "grow (model.hidden is empty); add one (e.g. --set model.hidden=[64]) or remove the growth: "
+     "section (--set growth=null)"),
+    (["growth.max_width=16", "growth.targets=[fc2]"], "growth.max_width: 16 is not above the "
+     "width of any layer to widen (fc2: 16), so it could never grow; give a max_width above 16"),
     (["sparsity.density=0.3", "sparsity.t_end=1.0"], "{cfg}: sparsity.t_end: 1.0 is neither a "
      "step count (an int >= 1) nor a fraction of the run's optimizer steps (a number in (0, 1), "
      "e.g. 0.75)"),

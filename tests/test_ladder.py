@@ -209,6 +209,12 @@ def test_cli_ladder_end_to_end(tmp_path: Path) -> None:
         (["--densities", "1,0.5", "--method", "magic"], "Error: --method: 'magic' is not a"),
         (["--densities", "1,0.5", "--tolerance", "-1"], "Error: --tolerance: -1.0 is not"),
         (["--densities", "1,0.5", "--set", "train.epochs=0"], "train.epochs: 0 is out of range"),
+        (
+            ["--densities", "1,0.5,0.0005"],
+            "Error: --densities: 0.0005: layer 'fc2' (256 weights, "
+            "shape (16, 16)) would get 0 active weights at density 0.0005 with distribution "
+            "'uniform'; the minimal density that works is 0.00379\n",
+        ),
     ],
 )
 def test_cli_ladder_errors_exit_2_before_training(

@@ -73,9 +73,36 @@ def test_plan_sparsity_and_growth_per_method() -> None:
     assert {m: g.model_dump(exclude_defaults=True) for m, g in grown.items() if g} == {
         "patches": {"policy": "patches", "trigger": "every", "max_params": 0.1},
         "tournament": {"policy": "tournament", "trigger": "every", "max_params": 0.1},
-        "widen": {"patience": 1, "max_params": 0.1},  # factor 3.0 of the config is replaced
+        "widen": {"patience": 1, "factor": 3.0, "max_params": 0.1},  # the config's factor
     }
-    assert plan["widen"].growth is not None and plan["widen"].growth.factor == 1.5
+
+
+def test_plan_keeps_the_configs_own_growth_settings() -> None:
+    base = validate_config(
+        {"sparsity": {"density": 0.5}, "growth": {"policy": "patches", "amount": 0.1,
+                                                   "patch_size": 4, "max_events": 1}}
+    )  # fmt: skip
+    plan = {r.method: r.config.growth for r in _plan(base, density=0.02, budget=0.1)}
+    assert {m: g.model_dump(exclude_defaults=True) for m, g in plan.items() if g} == {
+        "patches": {"policy": "patches", "trigger": "every", "max_events": 1,
+                    "max_params": 0.1, "amount": 0.1, "patch_size": 4},
+        "tournament": {"policy": "tournament", "trigger": "every", "max_events": 1,
+                       "max_params": 0.1, "patch_size": 4},
+        "widen": {"patience": 1, "max_events": 1, "max_params": 0.1},
+    }  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=_exact("growth.amount: set in the config, but it applies to policy patches, which "
+                     "none of --methods ['dense', 'widen'] runs; remove it or add that method"),
+    ):  # fmt: skip
+        _plan(base, ["dense", "widen"], density=0.02, budget=0.1)
+    capped = validate_config({"growth": {"max_params": 0.2}})
+    with pytest.raises(
+        ConfigError,
+        match=_exact("growth.max_params: 0.2 is not used by the rescue, whose growth budget is "
+                     "--budget; remove it from the config and pass --budget"),
+    ):  # fmt: skip
+        _plan(capped, density=0.02, budget=0.1)
 
 
 def test_plan_without_a_sparsity_section_uses_its_defaults() -> None:
@@ -293,6 +320,20 @@ def test_rescue_cli_usage_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert ("Error: --budget 0.05 is below the scaffold --density 0.5: growth would have no "
             "room; give a budget above the density") in result.output  # fmt: skip
+    result = _rescue(tmp_path, *SETS, "--density", "0.0005", "--methods", "dense,static",
+                     "--run-dir", str(tmp_path / "r"))  # fmt: skip
+    assert result.exit_code == 2 and result.output == (
+        "Error: --density: 0.0005: layer 'fc2' (1024 weights, shape (32, 32)) would get 0 active "
+        "weights at density 0.0005 with distribution 'erk'; the minimal density that works is "
+        "0.00114\n"
+    )
+    result = _rescue(tmp_path, *SETS, "--density", "1", "--budget", "1", "--methods",
+                     "dense,patches", "--run-dir", str(tmp_path / "r"))  # fmt: skip
+    assert result.exit_code == 2 and result.output.endswith(
+        "so growth would have no room; give a lower --density (this scaffold already has every "
+        "parameter)\n"
+    )
+    assert not (tmp_path / "r").exists()
     result = _rescue(tmp_path, "--seeds", "1", "--methods", "dense", "--run-dir",
                      str(tmp_path / "r"))  # fmt: skip
     # the rescue's default n_val (5000) is more than mnist1d's 4000 training samples

@@ -347,6 +347,24 @@ def plot_ladder(ladder: Mapping[str, Any], out_png: str | Path) -> Path:
     return save_figure(fig, out_png)
 
 
+def _check_densities(plan: Sequence[LadderRun]) -> None:
+    """Before anything trains: every sparse rung leaves each layer at least one weight."""
+    from .models import build_model
+    from .policies import check_sparsity
+    from .runner import _load_data
+
+    sparse = [r for r in plan if r.config.sparsity is not None]
+    if not sparse:
+        return
+    data = _load_data(sparse[0].config, progress=False)
+    try:
+        model = build_model(sparse[0].config.model, data.input_shape, data.num_classes)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    for run in sorted(sparse, key=lambda r: r.density):
+        check_sparsity(run.config, model, what=f"--densities: {run.density:g}")
+
+
 def _execute(run: LadderRun, progress: bool) -> dict[str, Any]:
     """Train one rung (in this process or a worker) and return its row of ``ladder.json``."""
     import torch
@@ -408,6 +426,7 @@ def run_ladder(
     taken = [r.name for r in plan if (root / "runs" / r.name / "config.json").exists()]
     if taken:
         raise ConfigError(f"{str(root)!r} already holds runs {taken}; choose another --run-dir")
+    _check_densities(plan)
     make_run_dir(root, "--run-dir")
     if jobs == 1:
         done: Any = (_execute(run, progress) for run in plan)

@@ -16,8 +16,10 @@ The budget (``max_params``) is a :class:`~dynarch.triggers.Budget` over active p
 a fraction is taken of the model's dense parameter count at the time the callbacks are built.
 Growth events carry the trigger as their reason (``plateau(val_loss)``, ``every(val_loss)``;
 ``tournament:`` in front for the tournament). :func:`check_growth` refuses, before a run
-starts, a ``growth:`` section that could never grow the model (a budget at or below the
-model's active parameters at the start, patches without masks, no usable tournament candidate).
+starts, a ``growth:`` section that could never grow the model (no hidden layer, a budget at
+or below the model's active parameters at the start, a ``max_width`` at or below every width
+to grow, patches without masks, no usable tournament candidate); :func:`check_sparsity` a
+density too low for the model.
 
 Example:
     >>> from dynarch.config import GrowthConfig
@@ -130,6 +132,26 @@ def start_active_params(cfg: RunConfig, model: nn.Module) -> int:
     return total - sum(math.prod(s) for s in shapes.values()) + sum(kept.values())
 
 
+def check_sparsity(cfg: RunConfig, model: nn.Module, what: str = "sparsity.density") -> None:
+    """Refuse (:class:`~dynarch.config.ConfigError`) a ``sparsity:`` density so low that some
+    layer of ``model`` would keep no weight (the message names the smallest that works).
+
+    Example:
+        >>> from dynarch.config import validate_config
+        >>> from dynarch.models import mlp
+        >>> check_sparsity(validate_config({"sparsity": {"density": 0.001}}), mlp(8, [4], 3))
+        Traceback (most recent call last):
+        ...
+        dynarch.config.ConfigError: sparsity.density: layer 'fc1' (32 weights, shape (4, 8)) \
+would get 0 active weights at density 0.001 with distribution 'erk'; the minimal density that \
+works is 0.0455
+    """
+    try:
+        start_active_params(cfg, model)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+
+
 def _unusable(candidate: str, cfg: RunConfig) -> str | None:
     """Why a tournament candidate can never apply to ``cfg``'s model (None: it can)."""
     layernorm = getattr(cfg.model, "layernorm", False)
@@ -142,9 +164,10 @@ def _unusable(candidate: str, cfg: RunConfig) -> str | None:
 
 def check_growth(cfg: RunConfig, model: nn.Module) -> None:
     """Refuse (:class:`~dynarch.config.ConfigError`) a ``growth:`` section that could never
-    grow ``model`` (built for ``cfg``): policy ``patches`` without a ``sparsity:`` section, a
-    tournament none of whose candidates applies, or a ``max_params`` budget at or below the
-    active parameters the model starts with.
+    grow ``model`` (built for ``cfg``): a model without hidden layers, policy ``patches``
+    without a ``sparsity:`` section, a tournament none of whose candidates applies, a
+    ``max_width`` at or below the width of every layer to widen, or a ``max_params`` budget
+    at or below the active parameters the model starts with.
 
     Example:
         >>> from dynarch.config import validate_config
@@ -160,6 +183,23 @@ model leaves no room: give a count above 195 (e.g. 390) or add a sparsity: secti
     g = cfg.growth
     if g is None:
         return
+    from .config import growth_targets
+    from .models import hidden_layer_names, layer_widths
+
+    if not hidden_layer_names(model):
+        raise ConfigError(
+            "growth: the model has no hidden layer to grow (model.hidden is empty); add one "
+            "(e.g. --set model.hidden=[64]) or remove the growth: section (--set growth=null)"
+        )
+    if g.policy == "widen" and g.max_width is not None:
+        widths = layer_widths(model)
+        targets = growth_targets(g, model)
+        if all(widths[t] >= g.max_width for t in targets):
+            raise ConfigError(
+                f"growth.max_width: {g.max_width} is not above the width of any layer to widen "
+                f"({', '.join(f'{t}: {widths[t]}' for t in targets)}), so it could never grow; "
+                f"give a max_width above {min(widths[t] for t in targets)}"
+            )
     if g.policy == "patches" and cfg.sparsity is None:
         raise ConfigError(
             "growth.policy: 'patches' turns on connections in the masks of a sparse model, but "

@@ -16,6 +16,10 @@ widen      scaffold + ``rewire`` + Net2Net widening of the hidden layers on a va
            plateau, same budget
 ========== ===============================================================================
 
+The config's own ``growth:`` settings are kept: keys every policy has (``trigger``,
+``patience``, ``max_events``, ...) in every growth run, policy keys (``amount``,
+``patch_size``, ``factor``, ...) in the run of that policy (its ``policy`` is ignored: the
+method sets it; the budget is ``--budget``). Otherwise each method uses the table's settings.
 Growth decisions look only at training data and a validation split held out of it
 (``data.n_val``, default 5000 samples for the rescue); the accuracy reported is the test
 accuracy, scored once at the end of each run. Runs go to worker processes (spawn, one thread
@@ -116,6 +120,7 @@ def plan_rescue(
         raise ConfigError(f"--seeds: {seeds!r} is not allowed; give the number of seeds, >= 1")
     base = cfg.model_dump(mode="json")
     sparsity = base.get("sparsity") or {}
+    own = _own_growth(cfg, chosen)
     data = {**base["data"], "n_val": base["data"].get("n_val") or 5000}
     plan = []
     for seed in range(cfg.seed, cfg.seed + seeds):
@@ -130,9 +135,41 @@ def plan_rescue(
                 run["sparsity"] = {**sparsity, "density": density, "algorithm": algorithm,
                                    "snapshots": 0}  # fmt: skip
             if method in GROWTH:
-                run["growth"] = {**GROWTH[method], "max_params": budget}
+                run["growth"] = {**GROWTH[method], **own.get(GROWTH[method]["policy"], {}),
+                                 "max_params": budget}  # fmt: skip
             plan.append(RescueRun(method, seed, name, validate_config(run, source=name)))
     return plan
+
+
+def _own_growth(cfg: RunConfig, chosen: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The config's own ``growth:`` settings for each growth policy the rescue runs: keys
+    every policy has (trigger, patience, max_events, ...) go to all of them, policy keys
+    (amount, factor, ...) to that policy's run; a key no chosen run can use is refused."""
+    from ._config_growth import _ONLY
+
+    g = cfg.growth
+    if g is None:
+        return {}
+    if "max_params" in g.model_fields_set:
+        raise ConfigError(
+            f"growth.max_params: {g.max_params:g} is not used by the rescue, whose growth budget "
+            "is --budget; remove it from the config and pass --budget"
+        )
+    policies = [GROWTH[m]["policy"] for m in chosen if m in GROWTH]
+    keys = sorted(g.model_fields_set - {"policy"})
+    values = g.model_dump(mode="json")
+    own: dict[str, dict[str, Any]] = {p: {} for p in policies}
+    for key in keys:
+        users = [p for p in policies if key not in _ONLY or p in _ONLY[key]]
+        if not users:
+            raise ConfigError(
+                f"growth.{key}: set in the config, but it applies to policy "
+                f"{' or '.join(_ONLY[key])}, which none of --methods {list(chosen)} runs; "
+                "remove it or add that method"
+            )
+        for p in users:
+            own[p][key] = values[key]
+    return own
 
 
 def _check_data_and_budget(
@@ -142,7 +179,7 @@ def _check_data_and_budget(
     runs' ``budget`` is above the active parameters of the scaffold (biases count too)."""
     from ._engine import count_params
     from .models import build_model
-    from .policies import start_active_params
+    from .policies import check_sparsity, start_active_params
     from .runner import _load_data
 
     first = plan[0].config
@@ -155,21 +192,31 @@ def _check_data_and_budget(
             f"data.n_val: {n_val}{default} leaves no training samples (the training set has "
             f"{n}); use fewer, e.g. --set data.n_val={max(1, n // 10)}"
         )
+    sparse = next((r for r in plan if r.config.sparsity is not None), None)
     grown = next((r for r in plan if r.config.growth is not None), None)
-    if grown is None:
+    if sparse is None and grown is None:
         return
     try:
-        model = build_model(grown.config.model, data.input_shape, data.num_classes)
+        model = build_model(first.model, data.input_shape, data.num_classes)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
+    if sparse is not None:
+        check_sparsity(sparse.config, model, what=f"--density: {density:g}")
+    if grown is None:
+        return
     assert grown.config.growth is not None
     dense = count_params(model)
     cap, start = grown.config.growth.budget(dense), start_active_params(grown.config, model)
     if cap is not None and cap <= start:
+        fix = (
+            f"give a budget above {start / dense:.4g}"
+            if start < dense
+            else "give a lower --density (this scaffold already has every parameter)"
+        )
         raise ConfigError(
             f"--budget {budget:g} allows {cap} active parameters, but the scaffold at --density "
             f"{density:g} starts with {start} (biases and norms count), so growth would have no "
-            f"room; give a budget above {start / dense:.4g}"
+            f"room; {fix}"
         )
 
 

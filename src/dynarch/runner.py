@@ -26,6 +26,7 @@ from ._engine import count_params, set_seed
 from .callbacks import Callback, CosineLR, EarlyStopping
 from .config import ConfigError, RunConfig, build_optimizer
 from .models import build_model, layer_widths
+from .policies import check_sparsity
 from .report import config_lines, event_rows, read_jsonl, summary_text
 from .run_callbacks import RewireFromStart, SparsifyAtStart, sparsity_callbacks
 
@@ -173,6 +174,7 @@ def execute(
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
     set_seed(model, cfg.seed)
+    check_sparsity(cfg, model)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     run = {
         "dense_params": count_params(model), "widths": layer_widths(model),
