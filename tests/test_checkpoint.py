@@ -599,3 +599,27 @@ def test_unserialisable_state_is_refused_before_writing(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"state 'layer' is a Linear; .*\(no pickled objects\)"):
         dynarch.save(target, model, layer=nn.Linear(1, 1))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_optimizer_enforces_the_masks_in_a_hand_written_loop(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dynarch.sparsify(model, 0.3, optimizer=opt)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+
+    def train(m: nn.Module, o: torch.optim.Optimizer) -> None:
+        for _ in range(3):
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+
+    train(model, opt)
+    ck = dynarch.load(dynarch.save(tmp_path / "ck", model, opt))
+    opt2 = ck.load_optimizer(torch.optim.Adam(ck.param_groups()))
+    train(ck.model, opt2)
+    train(model, opt)
+    for name in ("0", "2"):
+        layer = ck.model.get_submodule(name)
+        assert not bool(layer.weight[~layer.weight_mask].any())
+    assert torch.equal(ck.model(x), model(x))

@@ -140,7 +140,21 @@ def test_resume_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     result = _invoke("resume", str(done))
     assert result.exit_code == 2
     assert "the run is complete (summary.json exists); nothing to resume" in result.output
+    result = _invoke("resume", str(done / "config.json"))
+    assert result.exit_code == 2 and result.output == (
+        f"Error: cannot resume '{done / 'config.json'}': it is a file; give the run directory "
+        "`dynarch run` wrote\n"
+    )
     cut = _run(tmp_path / "cut", "cut", "", True, monkeypatch)
+    shown = _invoke("inspect", str(cut))
+    assert shown.exit_code == 0
+    step = load(cut / "checkpoint").step
+    assert (
+        f"status          not finished (no summary.json): the model below is the last "
+        f"checkpoint's, at step {step}; the metrics and events may go further; `dynarch resume "
+        f"{cut}` continues the run"
+    ) in shown.output.splitlines()
+    assert "status" not in _invoke("inspect", str(done)).output
     config = json.loads((cut / "config.json").read_text())
     config["train"]["epochs"] = 0
     (cut / "config.json").write_text(json.dumps(config))

@@ -100,6 +100,9 @@ def test_parallel_spawn_workers_give_the_same_results() -> None:
         ({"margin": -0.1}, ValueError, r"margin must be a number >= 0, got -0.1"),
         ({"lr": 0}, ValueError, r"lr must be a finite number > 0, got 0"),
         ({"distribution": "gauss"}, ValueError, r"unknown distribution 'gauss'; allowed: 'unif"),
+        ({"seeds": [0, 0]}, ValueError, r"seeds lists 0 more than once; give each once"),
+        ({"densities": [0.5, 0.5]}, ValueError, r"densities lists 0.5 more than once; give each"),
+        ({"hidden_options": [(4,), (4,)]}, ValueError, r"hidden_options lists \(4,\) more than"),
     ],
 )
 def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
@@ -113,3 +116,12 @@ def test_bad_data() -> None:
     (x, y), test = _data()
     with pytest.raises(TypeError, match=r"int64 class labels"):
         find_seed(((x, y.float()), test))
+    with pytest.raises(TypeError, match=r"data inputs x must be floating point, got torch.int64"):
+        find_seed(((x.long(), y), test))
+
+
+def test_float64_inputs_give_the_float32_results() -> None:
+    (x, y), (tx, ty) = _data()
+    opts = {**OPTS, "hidden_options": [(4,)], "densities": [0.5], "seeds": [0]}
+    wide = find_seed(((x.double(), y), (tx.double(), ty)), **opts)
+    assert wide.rows == find_seed(((x, y), (tx, ty)), **opts).rows

@@ -260,7 +260,11 @@ def test_highway_nothing_dead_and_errors() -> None:
     assert highways(model, {"fc1": []}) == []
     with pytest.raises(ValueError, match="span must be an int >= 2, got 1"):
         highways(model, {"fc1": [0]}, span=1)
-    with pytest.raises(UnsupportedModelError, match=r"but 'out' is read by no layer"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"but 'out' is read by no layer; leave 'fc2' out of the units \(an Extrema leaves "
+        r"such layers out\) or give a smaller span",
+    ):
         highways(model, {"fc2": [0]}, span=3)
     with pytest.raises(TypeError, match=r"units must be \{layer name: unit indices\} or an"):
         highways(model, [0])  # type: ignore[arg-type]
@@ -293,3 +297,19 @@ def test_highway_refuses_a_skip_reading_the_units_before_their_activation() -> N
     ):
         highways(model, {"fc1": [1, 4]})
     assert [e.op for e in dynarch.history(model)] == ["skip"]
+
+
+def test_highways_from_an_extrema_leave_out_layers_without_a_chain() -> None:
+    model = net()
+    with torch.no_grad():
+        model.fc1.bias[[1, 4]] = -100.0
+        model.fc3.bias[0] = -100.0  # only 'out' reads fc3: no chain of 2 after it
+    ex = Extrema(model, layers=["fc1", "fc3"])
+    ex.observe(X)
+    assert 0 in ex.dead_units("fc3").tolist()
+    before = model(X)
+    events = highways(model, ex)
+    assert [(e.details["layer"], e.details["target"]) for e in events] == [("fc1", "fc3")]
+    assert torch.equal(model(X), before)
+    with pytest.raises(UnsupportedModelError, match=r"leave 'fc3' out of the units"):
+        highways(model, {"fc3": [0]})

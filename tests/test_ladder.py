@@ -57,6 +57,11 @@ def test_parse_densities() -> None:
         ("1,nan", r"--densities: 'nan' is not a number"),
         ("0.5,0.1", r"--densities: '0.5,0.1' does not include 1, the dense model"),
         ("1,0.5,0.50", r"--densities: '1,0.5,0.50' lists 0.5 twice; give each density once"),
+        (
+            "1",
+            r"--densities: '1' has no sparse rung, so there is no ladder to climb; add "
+            r"densities below 1, e.g. 1,0.5,0.1",
+        ),
     ],
 )
 def test_parse_densities_names_the_bad_value(text: str, message: str) -> None:

@@ -11,11 +11,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
 
 from dynarch._engine import engine_state, set_seed
 from dynarch.masks import (
     apply_masks,
+    clip_grad_norm_,
     enforce,
     get_enforcer,
     global_density,
@@ -561,3 +562,51 @@ def test_changes_outside_a_step_are_remasked(opt_name: str) -> None:
         for v in opt.state[m.weight].values():
             if torch.is_tensor(v) and v.shape == m.weight.shape:
                 assert not bool(v[off].any())
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam", "rmsprop", "adagrad"])
+def test_a_step_with_a_closure_keeps_masked_weights_and_state_zero(opt_name: str) -> None:
+    model = mlp()
+    x, y = torch.randn(16, 6), torch.randn(16, 3)
+    optimizer = OPTIMIZERS[opt_name](list(model.parameters()))
+    sparsify(model, 0.3, optimizer=optimizer)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for i in range(6):  # closures and plain steps, alternating
+        if i % 2:
+            optimizer.step(closure=closure)
+        else:
+            optimizer.step(closure)
+        closure()
+        optimizer.step()
+    for m in masked_modules(model).values():
+        off = ~m.weight_mask
+        assert not bool(m.weight[off].any())
+        for v in optimizer.state[m.weight].values():
+            if torch.is_tensor(v) and v.shape == m.weight.shape:
+                assert not bool(v[off].any()) and bool(v[m.weight_mask].any())
+
+
+def test_clip_grad_norm_measures_the_applied_gradient() -> None:
+    model = mlp()
+    sparsify(model, 0.2)
+    nn.functional.mse_loss(model(torch.randn(16, 6)), torch.randn(16, 3)).backward()
+    masks = {id(m.weight): m.weight_mask for m in masked_modules(model).values()}
+    dense = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    applied = [g * masks[id(p)] if id(p) in masks else g for p, g in zip(model.parameters(), dense)]
+    expected = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in applied]))
+    whole = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in dense]))
+    assert float(expected) < float(whole)  # masked positions carry gradient too
+    limit = float(expected) / 2
+    assert torch.allclose(clip_grad_norm_(model, limit), expected)
+    coef = limit / (float(expected) + 1e-6)
+    for p, g in zip(model.parameters(), dense):
+        assert p.grad is not None and torch.allclose(p.grad, g * coef)
+    assert torch.allclose(clip_grad_norm_(model, limit * 10), expected * coef)  # no clipping
+    for p, g in zip(model.parameters(), dense):
+        assert p.grad is not None and torch.allclose(p.grad, g * coef)

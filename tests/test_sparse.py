@@ -235,6 +235,82 @@ def test_apportion_hand_computed() -> None:
     assert apportion(9, [1.0, 100.0, 1.0], [4, 2, 4], fallback=[3, 3, 3]) == [4, 2, 3]
 
 
+def test_apportion_floors_and_errors() -> None:
+    assert apportion(10, [0.0, 1.0, 2.0], [10, 1, 10], fallback=[4, 3, 3], floors=[1, 0, 0]) == [
+        1, 1, 8,
+    ]  # fmt: skip
+    assert apportion(3, [0.0, 0.0], [5, 5], fallback=[0, 3], floors=[1, 1]) == [1, 2]
+    with pytest.raises(ValueError, match=re.escape(
+        "cannot split 5 between floors [0, 0] and caps [2, 2]: need 0 <= floor <= cap per "
+        "layer and sum(floors) <= total <= sum(caps)"
+    )):  # fmt: skip
+        apportion(5, [1.0, 1.0], [2, 2], fallback=[3, 2])
+    with pytest.raises(ValueError, match=re.escape("cannot split 1 between floors [1, 1]")):
+        apportion(1, [1.0, 1.0], [2, 2], fallback=[1, 0], floors=[1, 1])
+    with pytest.raises(ValueError, match="must have one entry per layer, got lengths 2, 3, 2, 3"):
+        apportion(1, [1.0, 1.0], [2, 2, 2], fallback=[1, 0])
+
+
+def test_snfs_never_empties_a_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 2))  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rw = SNFS(model, opt, density=0.05, delta_t=5, t_end=1000, drop_fraction=1.0,
+              anneal="constant")  # fmt: skip
+    total = sum(int(m.weight_mask.sum()) for m in masked_modules(model).values())
+    lowest = total
+    for i in range(150):
+        x = torch.randn(16, 20, generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        F.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+        opt.step()
+        rw.step()
+        counts = [int(m.weight_mask.sum()) for m in masked_modules(model).values()]
+        assert sum(counts) == total
+        lowest = min(lowest, *counts)
+    assert lowest >= 1
+
+
+def test_a_layer_without_gradient_in_the_window_counts_as_zero() -> None:
+    """A two-head model trained one head per batch: the idle head has no gradient."""
+    for name in ("rigl", "deep_r", "snfs"):
+        torch.manual_seed(0)
+        trunk, heads = nn.Linear(6, 16), nn.ModuleList([nn.Linear(16, 3), nn.Linear(16, 3)])
+        model = nn.ModuleDict({"trunk": trunk, "heads": heads})
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        rw = make_rewirer(name, model, opt, density=0.5, delta_t=2, t_end=20, anneal="constant")
+        counts = {n: int(m.weight_mask.sum()) for n, m in masked_modules(model).items()}
+        for i in range(8):
+            x, y = batch("mlp", i)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(heads[0](torch.relu(trunk(x))), y).backward()
+            opt.step()
+            rw.step()
+        after = {n: int(m.weight_mask.sum()) for n, m in masked_modules(model).items()}
+        assert sum(after.values()) == sum(counts.values())
+        if name != "snfs":
+            assert after == counts
+
+
+def test_frozen_layers_are_refused_unless_the_mask_is_static() -> None:
+    model = mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=re.escape(
+        "SET: layers ['0'] are frozen (weight.requires_grad is False): rewiring would drop "
+        "their trained weights and regrow zeros that never train; leave them out "
+        "(exclude=['0']) or unfreeze them"
+    )):  # fmt: skip
+        SET(model, opt, density=0.5)
+    assert not masked_modules(model)  # refused before anything changed
+    SET(model, opt, density=0.5, exclude=["0"])
+    assert list(masked_modules(model)) == ["2", "4"]
+    frozen = mlp().requires_grad_(False)
+    Static(frozen, torch.optim.SGD(frozen.parameters(), lr=0.1), density=0.5)  # fixed: fine
+    assert list(masked_modules(frozen)) == ["0", "2", "4"]
+
+
 def test_grow_uniform_is_exact_and_falls_back_when_nearly_full() -> None:
     mask = torch.zeros(1000, dtype=torch.bool)
     mask[:100] = True
@@ -580,7 +656,12 @@ def test_existing_mask_pattern_errors_and_missing_gradients() -> None:
     with pytest.raises(TypeError, match="exclude must be a list of fnmatch patterns, got '0'"):
         SET(model, opt, exclude="0")
     rw = RigL(model, opt, delta_t=1, anneal="constant")
-    with pytest.raises(ValueError, match=r"rigl: no gradient for layer '0'; run loss.backward\(\)"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "rigl: no gradient for any rewired layer ('0'); run loss.backward() before"
+        ),
+    ):
         rw.update()
     message = (
         "rigl needs the dense gradients of step 1, but weight.grad is None for every layer: "

@@ -18,8 +18,8 @@ from ._engine import engine_state
 from ._validate import check_optimizer
 
 __all__ = [
-    "CLEAN", "GRAD_MASKING", "MASK", "MaskEnforcer", "enforce", "get_enforcer", "mark_clean",
-    "masked_modules",
+    "CLEAN", "GRAD_MASKING", "MASK", "MaskEnforcer", "clip_grad_norm_", "enforce",
+    "get_enforcer", "mark_clean", "masked_modules",
 ]  # fmt: skip
 
 MASK = "weight_mask"
@@ -98,8 +98,9 @@ class MaskEnforcer:
       weight, zero state and zero gradient, which these optimizers leave exactly zero. Weights
       or state changed outside a step (``load_state_dict``, a structural change, a mask edited
       in place: detected through tensor version counters) are re-masked in full first.
-    * any other optimizer: after every step each masked weight, and each optimizer-state
-      tensor of it with the weight's shape, is multiplied by its mask.
+    * any other optimizer, and any step given a closure (which recomputes the gradients
+      inside the step): after the step each masked weight, and each optimizer-state tensor
+      of it with the weight's shape, is multiplied by its mask.
 
     Either way gradients stay dense after the step, and masks converted to the weight's
     dtype are cached until a mask changes. Create it with :func:`enforce`; :meth:`remove`
@@ -119,6 +120,7 @@ class MaskEnforcer:
         self._model = weakref.ref(model)
         self._optimizer = weakref.ref(optimizer)
         self.masks_gradients = type(optimizer) in GRAD_MASKING
+        self._closure = False  # the step in progress was given a closure
         self._entries: list[_Entry] = []
         self._version = -1
         self._handles = [
@@ -189,6 +191,11 @@ class MaskEnforcer:
         model = self._model()
         if model is None or not self.masks_gradients:
             return
+        self._closure = (
+            bool(args and args[0] is not None) or (kwargs or {}).get("closure") is not None
+        )
+        if self._closure:
+            return  # the closure recomputes the gradients: mask weights and state after the step
         entries = self._plan(model)
         stale = [e for e in entries if e.weight._version != e.clean]
         if stale:
@@ -214,7 +221,8 @@ class MaskEnforcer:
         model = self._model()
         if model is None:
             return
-        if not self.masks_gradients:
+        if not self.masks_gradients or self._closure:
+            self._closure = False
             self._mask_all(optimizer, self._plan(model))
             return
         for e in self._entries:
@@ -262,6 +270,40 @@ class MaskEnforcer:
             registry = optimizer.__dict__.get(_REGISTRY, {})
             if registry.get(model) is self:
                 del registry[model]
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> Tensor:
+    """Clip the gradients of ``model`` like ``torch.nn.utils.clip_grad_norm_``, measuring the
+    norm of the gradient the optimizer applies: masked positions count as zero.
+
+    ``weight.grad`` of a masked layer stays dense between steps (gradient-guided rewirers
+    read it; the enforcer masks it inside the optimizer step), so PyTorch's own clipping
+    would count gradients that are never applied. This one scales every gradient (masked
+    positions too, so rewirers see the same direction) by ``max_norm / norm`` when the
+    masked norm exceeds ``max_norm``; returns that norm.
+
+    Example:
+        >>> layer = nn.Linear(2, 1, bias=False)
+        >>> layer.register_buffer(MASK, torch.tensor([[True, False]]))
+        >>> layer.weight.grad = torch.tensor([[3.0, 4.0]])
+        >>> float(clip_grad_norm_(layer, 1.0)), layer.weight.grad.mul(3).round().tolist()
+        (3.0, [[3.0, 4.0]])
+    """
+    masks = {id(_weight(m)): _mask(m) for m in masked_modules(model).values()}
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    with torch.no_grad():
+        seen = [
+            g * masks[id(p)] if id(p) in masks else g
+            for p in model.parameters()
+            if (g := p.grad) is not None
+        ]
+        norms = torch.stack([torch.linalg.vector_norm(g, norm_type).float() for g in seen])
+        total = torch.linalg.vector_norm(norms, norm_type)
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+    return total
 
 
 def get_enforcer(model: nn.Module, optimizer: torch.optim.Optimizer) -> MaskEnforcer | None:

@@ -272,7 +272,9 @@ class Checkpoint:
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Load the saved state into ``optimizer`` (built on ``self.model``'s parameters in
-        model order), checking the parameter names line up; returns it."""
+        model order), checking the parameter names line up; returns it. When the model has
+        weight masks, they are enforced on ``optimizer``'s steps from now on (as
+        :func:`dynarch.masks.enforce` does), so a hand-written loop keeps them too."""
         if not self.optimizer_state:
             raise CheckpointError("this checkpoint was saved without an optimizer")
         saved_groups = self.optimizer_state["param_groups"]
@@ -296,6 +298,10 @@ class Checkpoint:
         # (torch would then refuse groups added later without names).
         groups = [{k: v for k, v in g.items() if k != "param_names"} for g in saved_groups]
         optimizer.load_state_dict({"state": self.optimizer_state["state"], "param_groups": groups})
+        from .masks import enforce, masked_modules
+
+        if masked_modules(self.model):
+            enforce(self.model, optimizer)
         return optimizer
 
 

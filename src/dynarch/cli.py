@@ -99,9 +99,19 @@ def inspect_run(run_dir: str | Path) -> str:
     from .models import layer_widths
 
     cfg = validate_config(json.loads((root / "config.json").read_text()), source="config.json")
-    model = load(root / "checkpoint").model
+    ckpt = load(root / "checkpoint")
+    model = ckpt.model
     summary_path = root / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    unfinished = (
+        []
+        if summary
+        else [
+            f"status          not finished (no summary.json): the model below is the last "
+            f"checkpoint's, at step {ckpt.step}; the metrics and events may go further; "
+            f"`dynarch resume {root}` continues the run"
+        ]
+    )
     metrics = read_jsonl(root / "metrics.jsonl")
     evals = [m for m in metrics if "val_loss" in m]
     final = evals[-1] if evals else {}
@@ -118,6 +128,7 @@ def inspect_run(run_dir: str | Path) -> str:
     parts = [
         f"run {root}",
         *config_lines(cfg),
+        *unfinished,
         "",
         _layers_table(layer_widths(model), start, density, counts),
         f"\nparameters      {params}",

@@ -98,6 +98,11 @@ fraction of weights kept, e.g. 1,0.5,0.1
             f"--densities: {text!r} does not include 1, the dense model the ladder and its "
             "cliff are measured against; e.g. 1,0.5,0.1"
         )
+    if len(values) == 1:
+        raise ConfigError(
+            f"--densities: {text!r} has no sparse rung, so there is no ladder to climb; add "
+            "densities below 1, e.g. 1,0.5,0.1"
+        )
     twice = sorted({v for v in values if values.count(v) > 1}, reverse=True)
     if twice:
         raise ConfigError(

@@ -217,6 +217,8 @@ def resume(
 
     root = Path(run_dir)
     what = f"cannot resume {str(root)!r}"
+    if root.is_file():
+        raise ConfigError(f"{what}: it is a file; give the run directory `dynarch run` wrote")
     if not root.is_dir():
         raise ConfigError(f"{what}: the directory does not exist")
     if not (root / "config.json").is_file():

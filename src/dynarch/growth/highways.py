@@ -81,11 +81,21 @@ def chain(graph: ModelGraph, name: str, span: int) -> list[str]:
         if len(readers) != 1:
             raise UnsupportedModelError(
                 f"a highway from '{name}' with span={span} needs a chain of {span} layers each "
-                f"read by exactly one layer, but '{cur}' is read by {readers or 'no layer'}"
+                f"read by exactly one layer, but '{cur}' is read by {readers or 'no layer'}; "
+                f"leave '{name}' out of the units (an Extrema leaves such layers out) or give a "
+                "smaller span"
             )
         cur = readers[0]
         path.append(cur)
     return path
+
+
+def _has_chain(graph: ModelGraph, name: str, span: int) -> bool:
+    try:
+        chain(graph, name, span)
+    except UnsupportedModelError:
+        return False
+    return True
 
 
 def _dead_of(model: nn.Module, units: Any) -> dict[str, Tensor]:
@@ -122,7 +132,9 @@ def highways(
     ``"highway"`` event per layer with dead units (none: ``[]``); details: ``layer``,
     ``units``, ``consumer`` (``P1``), ``span``, and the skip's ``source``, ``target``,
     ``module``, ``kind``, ``in``, ``out``, ``params``, ``active``. All layers are checked
-    before anything changes.
+    before anything changes. Given an Extrema, layers no highway can start from (without a
+    chain of ``span`` single-reader layers after them, e.g. the last hidden layer) are left
+    out; given explicit units, such a layer is an error.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(),
@@ -137,6 +149,8 @@ def highways(
     if not dead:
         return []
     graph = analyse(model)
+    if isinstance(extrema_or_units, Extrema):  # leave out the layers no highway can leave
+        dead = {n: u for n, u in dead.items() if _has_chain(graph, n, span)}
     plans = {}
     for name in dead:
         norms = graph.group(name).layernorm_over_channels

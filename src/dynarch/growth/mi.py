@@ -11,8 +11,10 @@ units at once from one ``bincount``; the result is ``mean_j I_j``. The plug-in e
 biased upwards, by about ``(B - 1)(C - 1) / (2 N ln 2)`` bits for independent variables
 (``B`` occupied bins, ``C`` classes); with ``bias_correction=True`` (default) each unit gets
 the Miller–Madow correction ``((B_j - 1) + (C - 1) - (K_j - 1)) / (2 N ln 2)`` (``K_j``
-occupied (bin, class) cells), which removes that first-order bias, and the mean is clamped at
-0. The score measures how much label information single units carry (redundant copies of a
+occupied (bin, class) cells), which removes that first-order bias; each unit's estimate is
+capped at ``log2(min(B_j, C))``, the most that ``B_j`` bins and ``C`` classes can share (the
+correction overshoots it on tiny samples or exact copies), and the mean is clamped at 0.
+The score measures how much label information single units carry (redundant copies of a
 unit do not add to it); it is at most ``log2(min(bins, C))``.
 
 ``method="probe"``: a linear-probe (Barber–Agakov) lower bound on the *joint* information
@@ -92,6 +94,8 @@ def _binned(acts: Tensor, y: Tensor, classes: int, bins: int, correct: bool) -> 
         occupied_y = (py.squeeze(1) > 0).sum(1)
         cells = (p > 0).sum((1, 2))
         mi = mi + ((occupied_b - 1) + (occupied_y - 1) - (cells - 1)) / (2 * n * _LN2)
+        # the correction can overshoot what B_j bins and C classes can hold at all
+        mi = torch.minimum(mi, torch.minimum(occupied_b, occupied_y).double().log2())
     return max(0.0, float(mi.mean()))
 
 

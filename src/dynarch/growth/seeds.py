@@ -156,6 +156,10 @@ def _data(data: object) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], i
     for x, y in (train, test):
         if not isinstance(x, Tensor) or not isinstance(y, Tensor) or y.dtype != torch.int64:
             raise TypeError("data must hold tensors x and int64 class labels y")
+        if not x.is_floating_point():
+            raise TypeError(f"data inputs x must be floating point, got {x.dtype}")
+    # the seed networks are float32: inputs of another float dtype are converted
+    train, test = (train[0].float(), train[1]), (test[0].float(), test[1])
     classes = max(classes, int(train[1].max()) + 1, int(test[1].max()) + 1)
     return train, test, classes
 
@@ -198,6 +202,11 @@ def find_seed(
     if not seeds:
         raise ValueError("seeds must be a non-empty list of ints >= 0")
     seeds = [check_int("seed", s, 0) for s in seeds]
+    for what, values in (("seeds", seeds), ("densities", [float(d) for d in densities]),
+                         ("hidden_options", hidden)):  # fmt: skip
+        twice = sorted({repr(v) for v in values if values.count(v) > 1})  # type: ignore[arg-type]
+        if twice:
+            raise ValueError(f"{what} lists {', '.join(twice)} more than once; give each once")
     check_int("epochs", epochs, 1)
     check_int("jobs", jobs, 1)
     if not isinstance(margin, int | float) or margin < 0:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,7 @@ class Static(Rewirer):
     """
 
     name = "static"
+    rewires: ClassVar[bool] = False
 
     def drop_counts(self, layers: list[Layer], step: int) -> list[int]:
         return [0] * len(layers)
@@ -105,9 +106,7 @@ class RigL(SET):
             )
 
     def grow_scores(self, layer: Layer) -> Tensor | None:
-        grad = self.gradient(layer)
-        assert grad is not None  # check_ready
-        return grad.abs()
+        return self.gradient(layer).abs()
 
 
 class SNFS(SET):
@@ -118,8 +117,9 @@ class SNFS(SET):
     grad``, updated on every step (the optimizer's momentum is zero at masked positions, so
     it cannot score them). All layers together regrow exactly as many weights as they
     dropped; layer ``l`` gets a share proportional to the mean ``|m|`` of its active weights
-    (largest-remainder rounding, capped at the layer's free positions), so per-layer counts
-    drift while the total is preserved.
+    (largest-remainder rounding, capped at the layer's free positions, and at least one for
+    a layer the drop emptied), so per-layer counts drift while the total is preserved and no
+    layer is left without weights.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -146,9 +146,7 @@ class SNFS(SET):
         return self.schedule.t_end is None or step < self.schedule.t_end
 
     def grow_scores(self, layer: Layer) -> Tensor | None:
-        grad = self.gradient(layer)
-        assert grad is not None  # check_ready
-        return grad.abs()
+        return self.gradient(layer).abs()
 
     def grow_counts(self, layers: list[Layer], drops: list[int]) -> list[int]:
         if not layers:
@@ -156,28 +154,55 @@ class SNFS(SET):
         device = layers[0].mask.device
         sums = []
         for x in layers:
-            m = self.gradient(x)
-            if m is None:
-                sums.append(torch.zeros((), device=device))
-            else:
-                active = m.reshape(-1).index_select(0, self.active_positions(x))
-                sums.append(active.abs().sum().float().to(device))
+            active = self.gradient(x).reshape(-1).index_select(0, self.active_positions(x))
+            sums.append(active.abs().sum().float().to(device))
         means = [s / max(1, x.active) for s, x in zip(torch.stack(sums).tolist(), layers)]
         caps = [x.numel - x.active + d for x, d in zip(layers, drops)]
-        return apportion(sum(drops), means, caps, fallback=drops)
+        # a layer the drop emptied gets one weight back: an empty layer's mean momentum is 0,
+        # so it would never regrow and the network would stay cut
+        floors = [int(x.active - d <= 0 and d > 0) for x, d in zip(layers, drops)]
+        return apportion(sum(drops), means, caps, fallback=drops, floors=floors)
 
 
-def apportion(total: int, weights: list[float], caps: list[int], fallback: list[int]) -> list[int]:
-    """Split ``total`` over layers in proportion to ``weights``, each at most its cap.
+def apportion(
+    total: int,
+    weights: list[float],
+    caps: list[int],
+    fallback: list[int],
+    floors: list[int] | None = None,
+) -> list[int]:
+    """Split ``total`` over layers in proportion to ``weights``, each at most its cap and at
+    least its floor (default 0).
 
-    Largest remainders (ties: first layer) make the counts add up exactly; a layer whose
-    share exceeds its cap gets the cap and the rest is re-solved. Non-finite or all-zero
-    weights give ``fallback``.
+    The floors are given first and the rest is split: largest remainders (ties: first layer)
+    make the counts add up exactly; a layer whose share exceeds its cap gets the cap and the
+    rest is re-solved. Non-finite or all-zero weights give ``fallback``.
 
     Example:
         >>> apportion(10, [1.0, 1.0, 2.0], [10, 1, 10], fallback=[4, 3, 3])
         [3, 1, 6]
+        >>> apportion(10, [0.0, 1.0, 2.0], [10, 1, 10], fallback=[4, 3, 3], floors=[1, 0, 0])
+        [1, 1, 8]
     """
+    floors = [0] * len(caps) if floors is None else list(floors)
+    if not len(weights) == len(caps) == len(fallback) == len(floors):
+        raise ValueError(
+            f"weights, caps, fallback and floors must have one entry per layer, got lengths "
+            f"{len(weights)}, {len(caps)}, {len(fallback)}, {len(floors)}"
+        )
+    if any(f < 0 or f > c for f, c in zip(floors, caps)) or not sum(floors) <= total <= sum(caps):
+        raise ValueError(
+            f"cannot split {total} between floors {floors} and caps {caps}: need 0 <= floor "
+            "<= cap per layer and sum(floors) <= total <= sum(caps)"
+        )
+    if any(floors):
+        room = [c - f for c, f in zip(caps, floors)]
+        base = [max(0, b - f) for b, f in zip(fallback, floors)]
+        if sum(base) != total - sum(floors):  # a fallback that does not fit: rescaled
+            scale = [float(b) for b in base] if sum(base) > 0 else [1.0] * len(caps)
+            base = apportion(total - sum(floors), scale, room, base)
+        split = apportion(total - sum(floors), weights, room, base)
+        return [a + f for a, f in zip(split, floors)]
     if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         return list(fallback)
     capped: set[int] = set()
@@ -286,7 +311,6 @@ class DeepR(Rewirer):
 
     def grow_scores(self, layer: Layer) -> Tensor | None:
         grad = self.gradient(layer)
-        assert grad is not None  # check_ready
         return _ops.gumbel_scores(grad, self.temperature, engine_state(self.model).generator)
 
     # ----------------------------------------------------------------- bellec variant

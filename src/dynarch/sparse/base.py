@@ -123,6 +123,8 @@ class Rewirer(Callback):
     uses_gradients: ClassVar[bool] = False  # grow scores need captured dense gradients
     grad_accumulation: int = 1  # steps of gradients captured before each update
 
+    rewires: ClassVar[bool] = True  # False: the mask never changes (Static): frozen is fine
+
     def __init__(
         self,
         model: nn.Module,
@@ -160,6 +162,13 @@ class Rewirer(Callback):
         else:
             chosen = select_layers(model, include, exclude)
         check_held(optimizer, chosen, owner=type(self).__name__, every=True)
+        frozen = [n for n, m in chosen.items() if not _tensor(m.weight).requires_grad]
+        if frozen and self.rewires:
+            raise ValueError(
+                f"{type(self).__name__}: layers {frozen} are frozen (weight.requires_grad is "
+                "False): rewiring would drop their trained weights and regrow zeros that never "
+                f"train; leave them out (exclude={frozen!r}) or unfreeze them"
+            )
         if sparse:
             enforce(model, optimizer)
         else:
@@ -262,13 +271,18 @@ class Rewirer(Callback):
             )
         self.grads.add(grads, step, self.schedule.next_update(step))
 
-    def gradient(self, layer: Layer) -> Tensor | None:
-        """The captured gradient of ``layer`` (see :attr:`grads`), else its ``.grad``."""
+    def _found_gradient(self, layer: Layer) -> Tensor | None:
         found = self.grads.get(layer.name, layer.weight.shape)
         if found is not None:
             return found
         grad = layer.weight.grad
         return None if grad is None else grad.detach()
+
+    def gradient(self, layer: Layer) -> Tensor:
+        """The captured gradient of ``layer`` (see :attr:`grads`), else its ``.grad``; zeros
+        for a layer that had none (e.g. a head no batch of the window used)."""
+        found = self._found_gradient(layer)
+        return torch.zeros_like(layer.weight) if found is None else found
 
     # ---------------------------------------------------------------------------- loop
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -327,13 +341,14 @@ class Rewirer(Callback):
 
     def check_ready(self, layers: list[Layer]) -> None:
         """Raise before anything changes if the update cannot run (e.g. no gradients)."""
-        if self.needs_gradients:
-            for layer in layers:
-                if self.gradient(layer) is None:
-                    raise ValueError(
-                        f"{self.name}: no gradient for layer {layer.name!r}; run "
-                        "loss.backward() before rw.update(), or train with rw as a callback"
-                    )
+        if not (self.needs_gradients and layers):
+            return
+        if all(self._found_gradient(x) is None for x in layers):
+            raise ValueError(
+                f"{self.name}: no gradient for any rewired layer "
+                f"({', '.join(repr(x.name) for x in layers)}); run loss.backward() before "
+                "rw.update(), or train with rw as a callback"
+            )
 
     def update(self) -> Event:
         """Rewire every layer now (one ``"rewire"`` event); active counts are preserved."""
