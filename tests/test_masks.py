@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -610,3 +611,17 @@ def test_clip_grad_norm_measures_the_applied_gradient() -> None:
     assert torch.allclose(clip_grad_norm_(model, limit * 10), expected * coef)  # no clipping
     for p, g in zip(model.parameters(), dense):
         assert p.grad is not None and torch.allclose(p.grad, g * coef)
+
+
+def test_layers_dynarch_cannot_mask_are_named_in_a_warning() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(24, 3))
+    with pytest.warns(UserWarning, match=re.escape(
+        "sparsify leaves 0 (Conv1d) dense: dynarch masks the weights of Linear and Conv2d "
+        "layers only"
+    )):  # fmt: skip
+        sparsify(model, 0.5)
+    assert list(masked_modules(model)) == ["2"]
+    other = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(24, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify(other, 0.5, include=["2"])  # chosen explicitly: nothing to say

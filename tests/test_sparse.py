@@ -6,6 +6,7 @@ import io
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from dynarch.sparse import (
     SET,
     SNFS,
     DeepR,
+    IdleScheduleWarning,
     Rewirer,
     RigL,
     Schedule,
@@ -689,3 +691,63 @@ def test_capture_by_hand_before_zero_grad() -> None:
         event = rw.step()
         assert (event is not None) == (i % 2 == 1)
     assert rw.current_step == 4 and engine_state(model).step == 4
+
+
+def test_a_schedule_ending_before_the_first_update_warns() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(IdleScheduleWarning, match=re.escape(
+        "SET: t_end=100 is not after the first update (step delta_t=100), so the mask will "
+        "never change; give t_end > delta_t, a smaller delta_t, or use Static for a fixed mask"
+    )):  # fmt: skip
+        SET(model, opt, density=0.5, t_end=100)
+    other = mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Static(other, torch.optim.SGD(other.parameters(), lr=0.1), density=0.5, t_end=100)
+
+
+class _Custom(nn.Module):
+    """A custom parent: deepen/attach wrap its layers (conv1 becomes conv1.0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.out = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_the_rewired_layers_follow_renames_and_new_masked_layers() -> None:
+    import dynarch
+    from dynarch.growth import add_skip
+
+    model = _Custom()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rw = SET(model, opt, density=0.5, delta_t=1, anneal="constant", exclude=["out"])
+    assert rw.layer_names == ["fc1", "fc2"]
+    dynarch.deepen(model, "fc1", optimizer=opt)  # fc1 is now fc1.0
+    add_skip(model, "fc2", "out", optimizer=opt, density=0.5)  # a new masked layer
+    assert rw.layer_names == ["fc1.0", "fc2", "out.skip.proj"]
+    before = model.get_submodule("fc1.0").weight_mask.clone()
+    x, y = batch("mlp", 0)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    event = rw.step()
+    assert event is not None and sorted(k for k in event.details if "." in k or "fc" in k) == [
+        "fc1.0", "fc2", "out.skip.proj",
+    ]  # fmt: skip
+    assert not torch.equal(model.get_submodule("fc1.0").weight_mask, before)
+    state = rw.state_dict()
+    assert state["layers"] == ["fc1.0", "fc2", "out.skip.proj"]
+    again = SET(model, opt, delta_t=1, anneal="constant")  # would pick every masked layer
+    again.load_state_dict(state)
+    assert again.layer_names == ["fc1.0", "fc2", "out.skip.proj"]
+    with pytest.raises(ValueError, match=re.escape(
+        "the saved set state rewires layers ['gone'], which have no mask in this model"
+    )):  # fmt: skip
+        again.load_state_dict({**state, "layers": ["gone"]})
+    older = {k: v for k, v in state.items() if k != "layers"}  # a state saved before
+    SET(model, opt, delta_t=1, anneal="constant").load_state_dict(older)

@@ -17,6 +17,7 @@ Per-layer budgets come from :func:`dynarch.budgets.layer_budgets`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
@@ -188,8 +189,28 @@ def select_layers(
             f"no Linear/Conv2d layer left to {purpose} (the model has none, or include/exclude "
             f"removed them all); Linear/Conv2d modules: {sorted(layers)}"
         )
+    if include is None:
+        _warn_unsupported(model, purpose)
     check_layers(chosen)
     return chosen
+
+
+# weighted layers dynarch does not mask: said once when "every layer" is asked for
+_UNSUPPORTED = (
+    nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Embedding, nn.EmbeddingBag, nn.Bilinear, nn.MultiheadAttention,
+)  # fmt: skip
+
+
+def _warn_unsupported(model: nn.Module, purpose: str) -> None:
+    found = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+             if isinstance(m, _UNSUPPORTED)]  # fmt: skip
+    if found:
+        warnings.warn(
+            f"{purpose} leaves {', '.join(found[:5])}{' …' if len(found) > 5 else ''} dense: "
+            "dynarch masks the weights of Linear and Conv2d layers only",
+            stacklevel=3,
+        )
 
 
 def check_layers(chosen: Mapping[str, nn.Module]) -> None:

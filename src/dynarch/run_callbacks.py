@@ -5,6 +5,7 @@ starts (:class:`SparsifyAtStart`) or a dynamic sparse training algorithm built t
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .callbacks import Callback
@@ -69,14 +70,17 @@ class RewireFromStart(Callback):
     def on_fit_start(self, trainer: Any) -> None:
         if self.rewirer is None:
             from .sparse import make_rewirer
+            from .sparse.base import IdleScheduleWarning
 
             t_end = self.kwargs.get("t_end")
             if isinstance(t_end, float):  # a fraction of the run's optimizer steps
                 self.kwargs["t_end"] = max(1, round(t_end * trainer.total_steps))
-            self.rewirer = make_rewirer(
-                self.algorithm, trainer.model, trainer.optimizer, density=self.density,
-                distribution=self.distribution, **self.kwargs,
-            )  # fmt: skip
+            with warnings.catch_warnings():  # the run's summary notes an idle schedule
+                warnings.simplefilter("ignore", IdleScheduleWarning)
+                self.rewirer = make_rewirer(
+                    self.algorithm, trainer.model, trainer.optimizer, density=self.density,
+                    distribution=self.distribution, **self.kwargs,
+                )  # fmt: skip
             if self._state is not None:
                 self.rewirer.load_state_dict(self._state)
         self.rewirer.on_fit_start(trainer)

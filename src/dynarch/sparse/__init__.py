@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 from .algorithms import ALGORITHMS, SET, SNFS, DeepR, RigL, Static, apportion, make_rewirer
-from .base import Layer, Rewirer
+from .base import IdleScheduleWarning, Layer, Rewirer
 from .layer import DynamicSparseLinear
 from .schedule import ANNEALS, Schedule
 
@@ -31,6 +31,7 @@ __all__ = [
     "SNFS",
     "DeepR",
     "DynamicSparseLinear",
+    "IdleScheduleWarning",
     "Layer",
     "Rewirer",
     "RigL",

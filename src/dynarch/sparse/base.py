@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -51,9 +53,13 @@ from .schedule import Schedule
 if TYPE_CHECKING:
     from ..train import Trainer
 
-__all__ = ["Layer", "Rewirer"]
+__all__ = ["IdleScheduleWarning", "Layer", "Rewirer"]
 
-_STATE_KEYS = {"algorithm", "step", "t_end", "grads", "active", "extra"}
+_STATE_KEYS = {"algorithm", "step", "t_end", "grads", "active", "extra", "layers"}
+
+
+class IdleScheduleWarning(UserWarning):
+    """A rewirer whose schedule ends before its first update: the mask never changes."""
 
 
 @dataclass
@@ -146,6 +152,14 @@ class Rewirer(Callback):
         check_choice("distribution", distribution, DISTRIBUTIONS)
         check_choice("regrow_init", regrow_init, _ops.GROW_INITS)
         self.schedule = Schedule(delta_t, t_end, drop_fraction, anneal)
+        if self.rewires and t_end is not None and t_end <= self.schedule.delta_t:
+            warnings.warn(
+                f"{type(self).__name__}: t_end={t_end} is not after the first update (step "
+                f"delta_t={delta_t}), so the mask will never change; give t_end > delta_t, a "
+                "smaller delta_t, or use Static for a fixed mask",
+                IdleScheduleWarning,
+                stacklevel=2,
+            )
         self._user_t_end = t_end
         self.model, self.optimizer, self.regrow_init = model, optimizer, regrow_init
         self._validate()
@@ -176,7 +190,14 @@ class Rewirer(Callback):
             sparsify(model, density, distribution=distribution, optimizer=optimizer,
                      score="random", include=include, exclude=exclude,
                      reason=self.name)  # fmt: skip
-        self.layer_names = list(chosen)
+        # the layers follow the model: those chosen now (by identity, whatever they are
+        # renamed to), and masked layers added later that include/exclude select
+        self._include, self._exclude = include, exclude
+        self._picked: weakref.WeakSet[nn.Module] = weakref.WeakSet(chosen.values())
+        self._passed: weakref.WeakSet[nn.Module] = weakref.WeakSet(
+            m for m in model.modules() if m not in self._picked
+        )
+        self._names, self._names_version = list(chosen), engine_state(model).version
         self._step = 0
         self.grads = GradientBuffer()  # captured dense gradients
         self._count_key: tuple[tuple[int, int], ...] = ()
@@ -200,6 +221,39 @@ class Rewirer(Callback):
             if (include is None or any(fnmatchcase(n, p) for p in include))
             and not any(fnmatchcase(n, p) for p in exclude or ())
         ]
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The rewired layers' names now: the layers chosen at construction (renamed or not)
+        plus masked layers added since (a sparse skip, a module attached while sparse) that
+        ``include``/``exclude`` select, whose weights the optimizer trains.
+
+        Example:
+            >>> import torch, torch.nn as nn
+            >>> from dynarch.sparse import SET
+            >>> m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+            >>> SET(m, torch.optim.SGD(m.parameters(), lr=0.1), density=0.5).layer_names
+            ['0', '2']
+        """
+        version = engine_state(self.model).version
+        if version != self._names_version:
+            held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+            names = []
+            for name, module in masked_modules(self.model).items():
+                if module not in self._picked and module not in self._passed:
+                    weight = _tensor(module.weight)
+                    new = weight.requires_grad and id(weight) in held and self._selects(name)
+                    (self._picked if new else self._passed).add(module)
+                if module in self._picked:
+                    names.append(name)
+            self._names, self._names_version = names, version
+        return list(self._names)
+
+    def _selects(self, name: str) -> bool:
+        inc, exc = self._include, self._exclude
+        return (inc is None or any(fnmatchcase(name, p) for p in inc)) and not any(
+            fnmatchcase(name, p) for p in exc or ()
+        )
 
     # ------------------------------------------------------------------ algorithm hooks
     def _validate(self) -> None:
@@ -435,10 +489,13 @@ class Rewirer(Callback):
             "grads": self.grads.state_dict(),
             "active": {n: t.clone() for n, t in self._active.items()},
             "extra": self._extra_state(),
+            "layers": self.layer_names,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (exact resume)."""
+        if isinstance(state, dict) and set(state) == _STATE_KEYS - {"layers"}:  # older state
+            state = {**state, "layers": None}
         check_state(type(self).__name__, state, _STATE_KEYS)
         if state["algorithm"] != self.name:
             raise ValueError(
@@ -451,6 +508,21 @@ class Rewirer(Callback):
         self._active = {n: t.clone() for n, t in state["active"].items()}
         self._active_key = dict.fromkeys(self._active)  # verified at first use
         self._load_extra(state["extra"])
+        if state["layers"] is not None:
+            self._adopt_layers(list(state["layers"]))
+
+    def _adopt_layers(self, names: list[str]) -> None:
+        """Rewire exactly the masked layers ``names`` (a saved state's), from now on."""
+        mods = masked_modules(self.model)
+        missing = [n for n in names if n not in mods]
+        if missing:
+            raise ValueError(
+                f"the saved {self.name} state rewires layers {missing}, which have no mask in "
+                f"this model (masked: {list(mods)}); load it into the model it was saved with"
+            )
+        self._picked = weakref.WeakSet(mods[n] for n in names)
+        self._passed = weakref.WeakSet(m for m in self.model.modules() if m not in self._picked)
+        self._names, self._names_version = names, engine_state(self.model).version
 
 
 def _lists_active(idx: Tensor, flat: Tensor, active: int) -> bool:
