@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import random
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -623,3 +624,41 @@ def test_load_optimizer_enforces_the_masks_in_a_hand_written_loop(tmp_path: Path
         layer = ck.model.get_submodule(name)
         assert not bool(layer.weight[~layer.weight_mask].any())
     assert torch.equal(ck.model(x), model(x))
+
+
+def test_standard_layers_beyond_the_core_round_trip_without_a_factory(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.PReLU(8), nn.InstanceNorm2d(8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4), nn.Dropout1d(0.1),
+    )  # fmt: skip
+    seq = nn.Sequential(nn.Embedding(20, 6, padding_idx=0), nn.Conv1d(6, 4, 3, bias=False))
+    for m, x in ((model, torch.randn(2, 3, 8, 8)), (seq, torch.randint(0, 20, (2, 6)))):
+        m.eval()
+        loaded = dynarch.load(dynarch.save(tmp_path / type(m[0]).__name__, m)).model.eval()
+        assert describe(loaded) == describe(m)
+        if m is seq:
+            assert torch.equal(
+                loaded[1](loaded[0](x).transpose(1, 2)), m[1](m[0](x).transpose(1, 2))
+            )
+        else:
+            assert torch.equal(loaded(x), m(x))
+
+
+def test_a_standard_container_holding_an_unknown_module_asks_for_a_factory(
+    tmp_path: Path,
+) -> None:
+    class Odd(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    model = nn.Sequential(nn.Linear(3, 4), Odd(), nn.Linear(4, 2))
+    path = dynarch.save(tmp_path / "ck", model)
+    with pytest.raises(CheckpointError, match=re.escape(
+        "this checkpoint holds a Sequential with a module dynarch cannot rebuild by itself "
+        "(1 (Odd)); pass a factory that builds the model, or a fresh instance: "
+        "dynarch.load(path, model=make_model)"
+    )):  # fmt: skip
+        dynarch.load(path)
+    loaded = dynarch.load(path, lambda: nn.Sequential(nn.Linear(3, 4), Odd(), nn.Linear(4, 2)))
+    assert torch.equal(loaded.model(torch.ones(1, 3)), model(torch.ones(1, 3)))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import dynarch
 from dynarch.graph import ChannelGroup, UnsupportedModelError, analyse, resolve
 from models import (
     CatModel,
@@ -202,3 +203,22 @@ def test_channel_group_defaults_are_independent() -> None:
     a, b = ChannelGroup(), ChannelGroup()
     a.producers.append("x")
     assert b.producers == []
+
+
+def test_a_linear_over_a_feature_maps_last_axis_is_not_a_channel_consumer() -> None:
+    class WidthMixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.lin = nn.Linear(8, 8)  # acts on the width axis (W = 8 = channels)
+            self.head = nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.flatten(torch.relu(self.lin(self.conv(x))), 1))
+
+    model = WidthMixer()
+    group = analyse(model).group("conv")
+    assert group.problems == ["Linear 'lin' reads the last axis of a feature map, not its channels"]
+    with pytest.raises(UnsupportedModelError, match=r"cannot widen 'conv': Linear 'lin' reads"):
+        dynarch.widen(model, "conv", 12)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)  # untouched

@@ -271,3 +271,28 @@ def test_add_patches_errors() -> None:
     dense = mlp(6, [8], 3)
     with pytest.raises(ValueError, match="layer 'fc1' is dense"):
         add_patches(dense, {"fc1": [1]})
+
+
+def test_patch_positions_in_a_grouped_conv_consumer() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1, groups=4))
+    sparsify(model, 0.3)
+    grid = patch_positions(model, {"0": torch.tensor([0, 5])}, 2)["2"]
+    assert grid.shape == (12, 2, 3, 3)
+    # 2 inputs and 3 outputs per group: unit 0 is input 0 of group 0 (rows 0-2), unit 5
+    # input 1 of group 2 (rows 6-8); each gets a 2-row window of its own group, whole kernels
+    rows, cols = grid[:, :, 0, 0].nonzero().t().tolist()
+    assert list(zip(rows, cols)) == [(0, 0), (1, 0), (7, 1), (8, 1)]
+    assert bool(grid.all(dim=(2, 3)).eq(grid.any(dim=(2, 3))).all())
+
+
+def test_patches_around_a_unit_read_by_a_depthwise_conv() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsify(model, 0.3, optimizer=opt)
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x)
+    event = add_patches(model, {"0": [5]}, optimizer=opt, patch_size=2)
+    assert torch.equal(model(x), before)  # new connections start at zero
+    on = model[2].weight_mask
+    assert bool(on[5].all()) and int(on.sum()) == int(event.details["layers"]["2"]["active"])

@@ -7,6 +7,7 @@ weights after each op, masks, events, atomic failures, every error message, dete
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -746,3 +747,27 @@ def test_residual_module() -> None:
     assert res.alpha.requires_grad and res.alpha.dim() == 0
     frozen = Residual(nn.Identity(), trainable_alpha=False)
     assert not frozen.alpha.requires_grad and torch.equal(out(frozen, x), x)
+
+
+def test_attach_refuses_an_anchor_called_twice() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.relu = nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+    model = Block()
+    with pytest.raises(
+        UnsupportedModelError,
+        match=re.escape(
+            "'relu' is called 2 times in forward, so a module attached after it would run at "
+            "each call; attach after a module called once (give each use of 'relu' its own "
+            "module)"
+        ),
+    ):
+        dynarch.attach(model, "after:relu", nn.Conv2d(4, 4, 1))
+    assert dynarch.history(model) == [] and not hasattr(model, "relu_slot")
+    dynarch.attach(model, "after:conv1", nn.Conv2d(4, 4, 1))  # called once: fine

@@ -353,6 +353,12 @@ def _base_model(
             raise CheckpointError(f"cannot build the base architecture: {exc}") from exc
     wanted = base.get("class", "?")
     if model is None:
+        if wanted.startswith("torch.nn.") and base.get("unknown"):
+            raise CheckpointError(
+                f"this checkpoint holds a {wanted.rsplit('.', 1)[-1]} with a module dynarch "
+                f"cannot rebuild by itself ({base['unknown']}); pass a factory that builds the "
+                "model, or a fresh instance: dynarch.load(path, model=make_model)"
+            )
         raise CheckpointError(
             f"this checkpoint was made from the custom class '{wanted}'; pass it: "
             f"dynarch.load(path, model={wanted.rsplit('.', 1)[-1]}) "

@@ -209,6 +209,14 @@ def analyse(model: nn.Module) -> ModelGraph:
                 if first is not None:
                     if isinstance(mod, nn.Conv2d) and (first.flat or mod.groups != 1):
                         flag(first, f"'{name}' is a grouped or flattened Conv2d consumer")
+                    if (
+                        isinstance(mod, nn.Linear)
+                        and first.axis == 1
+                        and not first.flat
+                        and (first.rank or 2) > 2
+                    ):  # a Linear mixes the last axis of a feature map, not its channels
+                        flag(first, f"Linear '{name}' reads the last axis of a feature map, "
+                                    "not its channels")  # fmt: skip
                     consumers.setdefault(first.space, []).append((name, first.flat))
                 if name in out_space:  # a module called twice produces one space
                     space = out_space[name]

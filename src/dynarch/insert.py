@@ -288,6 +288,7 @@ def attach(
         raise ValueError(f"slot '{slot}' is occupied by '{st.slots[slot]}'; detach it first")
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    _check_called_once(model, anchor)
     ref = next(model.parameters(), None)
     if ref is not None:
         module = module.to(ref.device)
@@ -313,6 +314,22 @@ def attach(
                      "trainable_alpha": trainable_alpha}  # fmt: skip
     assert tx.event is not None
     return tx.event
+
+
+def _check_called_once(model: nn.Module, anchor: str) -> None:
+    """Refuse an anchor ``forward`` calls more than once (say a ``self.relu`` reused after
+    the residual add): the attached branch would run at every call site."""
+    try:
+        graph = analyse(model)
+    except UnsupportedModelError:
+        return  # untraceable: nothing to count
+    calls = len(graph.calls.get(anchor, []))
+    if calls > 1:
+        raise UnsupportedModelError(
+            f"'{anchor}' is called {calls} times in forward, so a module attached after it "
+            "would run at each call; attach after a module called once (give each use of "
+            f"'{anchor}' its own module)"
+        )
 
 
 def _producer(model: nn.Module, anchor: str) -> nn.Linear | nn.Conv2d | None:

@@ -37,6 +37,16 @@ _SIMPLE_ARGS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.BatchNorm1d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
     nn.BatchNorm2d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
     nn.LayerNorm: ("normalized_shape", "eps", "elementwise_affine"),
+    nn.GroupNorm: ("num_groups", "num_channels", "eps", "affine"),
+    nn.InstanceNorm1d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+    nn.InstanceNorm2d: ("num_features", "eps", "momentum", "affine", "track_running_stats"),
+    nn.Conv1d: (
+        "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+        "padding_mode",
+    ),
+    nn.Embedding: ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                   "scale_grad_by_freq", "sparse"),
+    nn.PReLU: ("num_parameters",), nn.Dropout1d: ("p", "inplace"),
     nn.ReLU: ("inplace",), nn.ReLU6: ("inplace",), nn.SiLU: ("inplace",), nn.Mish: ("inplace",),
     nn.LeakyReLU: ("negative_slope", "inplace"), nn.ELU: ("alpha", "inplace"),
     nn.CELU: ("alpha", "inplace"), nn.SELU: ("inplace",), nn.GELU: ("approximate",),
@@ -92,7 +102,7 @@ def describe(module: nn.Module) -> dict[str, Any] | None:
     cls = type(module)
     if cls in _SIMPLE_ARGS:
         args = {a: _jsonable(getattr(module, a)) for a in _SIMPLE_ARGS[cls]}
-        if isinstance(module, nn.Linear | nn.Conv2d):
+        if isinstance(module, nn.Linear | nn.Conv2d | nn.Conv1d):
             args["bias"] = module.bias is not None
         if isinstance(module, nn.LayerNorm):
             args["bias"] = module.bias is not None
@@ -128,11 +138,19 @@ def describe(module: nn.Module) -> dict[str, Any] | None:
 
 
 def describe_model(model: nn.Module) -> dict[str, Any]:
-    """``{"kind": "spec", "module": ...}`` for standard models, else ``{"kind": "class", ...}``."""
+    """``{"kind": "spec", "module": ...}`` for standard models, else ``{"kind": "class", ...}``
+    (with ``"unknown"``: the first submodule no spec describes, e.g. ``"1 (MyBlock)"``)."""
     spec = describe(model)
     if spec is not None:
         return {"kind": "spec", "module": spec}
-    return {"kind": "class", "class": class_path(model)}
+    out: dict[str, Any] = {"kind": "class", "class": class_path(model)}
+    for name, sub in model.named_modules():
+        if sub is not model and describe(sub) is None and all(
+            describe(c) is not None for c in sub.children()
+        ):
+            out["unknown"] = f"{name} ({type(sub).__name__})"
+            break
+    return out
 
 
 def build(spec: dict[str, Any]) -> nn.Module:

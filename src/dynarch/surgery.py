@@ -180,7 +180,8 @@ def shrink(
     ``keep`` holds the indices of the units to keep (any order; kept in ascending order).
     Every consumer loses the matching inputs, coupled layers lose the same units. The
     function changes unless the removed units contributed nothing (e.g. zero outgoing
-    weights).
+    weights) and no LayerNorm normalises over them: a LayerNorm's mean and variance are
+    taken over all its units, so removing any of them changes every unit's output.
 
     Example:
         >>> import torch, torch.nn as nn, dynarch

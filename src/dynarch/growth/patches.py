@@ -94,6 +94,15 @@ def patch_positions(
             if graph.modules[consumer]._buffers.get(MASK) is None:
                 continue
             rows_n, cols_n = weight(consumer).shape[:2]
+            groups = int(getattr(graph.modules[consumer], "groups", 1))
+            if groups > 1 and not flat:  # grouped conv: unit u feeds only its group's rows
+                out_per = rows_n // groups
+                local = idx % cols_n  # u's input column within its group
+                rows = (idx // cols_n)[:, None] * out_per + _windows(
+                    _centres(local, cols_n, out_per), patch_size, out_per
+                )
+                mark(consumer, rows, local[:, None].expand_as(rows))
+                continue
             rows = _windows(_centres(idx, width, rows_n), patch_size, rows_n)
             block = cols_n // width if flat else 1
             cols = idx[:, None] * block + torch.arange(block)  # (units, block)
