@@ -205,7 +205,9 @@ _UNSUPPORTED = (
 def _warn_unsupported(model: nn.Module, purpose: str) -> None:
     found = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
              if isinstance(m, _UNSUPPORTED)]  # fmt: skip
-    if found:
+    said = model.__dict__.setdefault("_dynarch_said_dense", set())
+    if found and (purpose, *found) not in said:  # once per model and purpose
+        said.add((purpose, *found))
         warnings.warn(
             f"{purpose} leaves {', '.join(found[:5])}{' …' if len(found) > 5 else ''} dense: "
             "dynarch masks the weights of Linear and Conv2d layers only",

@@ -145,8 +145,10 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
         return {"kind": "spec", "module": spec}
     out: dict[str, Any] = {"kind": "class", "class": class_path(model)}
     for name, sub in model.named_modules():
-        if sub is not model and describe(sub) is None and all(
-            describe(c) is not None for c in sub.children()
+        if (
+            sub is not model
+            and describe(sub) is None
+            and all(describe(c) is not None for c in sub.children())
         ):
             out["unknown"] = f"{name} ({type(sub).__name__})"
             break
