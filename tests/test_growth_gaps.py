@@ -100,22 +100,24 @@ def test_patches_pay_the_connections_they_turned_on() -> None:
     assert grow.attempts[-1]["paid"] == [52.0]
 
 
-def test_actual_growth_is_charged_even_past_an_estimate_that_was_low() -> None:
-    """In a masked layer a widen is estimated at the layer's density (28 * 0.5 = 14 weights)
-    but the Net2Net copies carry their sources' masks: 20 weights are actually added, and
-    charged, leaving a debt that blocks further growth until it is earned back."""
+def test_a_masked_net2net_widen_is_priced_at_most_and_charged_what_it_added() -> None:
+    """In a masked layer the Net2Net copies carry their sources' masks, which rows and
+    columns are copied is drawn at random: the price is the most it can add (the densest
+    row and column: 22 weights here), the charge what it did add (20)."""
     model = net()
     sparsify(model, 0.5, distribution="uniform")
     t = trainer(model)
-    economy = CreditEconomy(initial=15.0)
+    economy = CreditEconomy(initial=21.0)
     grow = GrowAsNeeded(all_of(plateau(), economy), "widen", layers=["fc1"], amount=2)
-    assert grow.action.adds(model, "fc1") == (14, 2)
+    assert grow.action.adds(model, "fc1") == (22, 2)
+    evaluate(grow, t, 2)
+    assert grow.events == [] and grow.attempts[-1]["unaffordable"] == ["fc1"]
+    economy.earn(2.0)
     before = active_params(model)[1]
     evaluate(grow, t, 2)
     assert active_params(model)[1] - before == 20 and width(model) == 12
-    assert (economy.balance, economy.spent) == (-5.0, 20.0)
+    assert (economy.balance, economy.spent) == (3.0, 20.0)
     assert grow.attempts[-1]["paid"] == [20.0]
-    assert economy.update(1.0) is False  # in debt: the economy does not fire
 
 
 # ---------------------------------------------------------------- unaffordable

@@ -181,6 +181,9 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self.best: dict[str, float] = {}
         self.should_stop = False
+        # the engine's step when this trainer's step was 0: events, unit ages and embargoes
+        # count on the engine's clock, which goes on across fits of the same model
+        self.step_offset = 0
         self._started = False
         self._files: dict[str, IO[str]] = {}
         self._bar: tqdm[Any] | None = None
@@ -251,7 +254,7 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self.batch_in_epoch += 1
-        engine_state(self.model).step = self.step
+        engine_state(self.model).step = self.step_offset + self.step
         self.last_loss = loss.detach()
         self.last_output, self.last_target = out.detach(), yb
         self._call("on_step_end")
@@ -262,6 +265,11 @@ class Trainer:
 
     def _start(self) -> None:
         self.should_stop = False
+        if not self._started:
+            # the engine's clock goes on across fits: a model trained (and grown) before
+            # keeps its step count, so events, ages and embargoes never see time go back
+            now = engine_state(self.model).step
+            self.step_offset = now if self.step == 0 else max(0, now - self.step)
         if not self._started and self.step == 0:
             rng.seed_everything(self.seed)
             if not engine_state(self.model).history:
@@ -271,7 +279,7 @@ class Trainer:
         self._move_optimizer_state()
         if is_sparse(self.model):  # e.g. a loaded sparse checkpoint with a new optimizer
             enforce(self.model, self.optimizer)
-        engine_state(self.model).step = self.step
+        engine_state(self.model).step = self.step_offset + self.step
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             mode = "a" if self.step > 0 else "w"
@@ -412,6 +420,7 @@ class Trainer:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch, self.seed = int(state["batch_in_epoch"]), int(state["seed"])
         self.metrics, self.best = dict(state["metrics"]), dict(state["best"])
+        self.step_offset = max(0, engine_state(self.model).step - self.step)
         self._started = True
 
     # Global RNG states as tensors and plain data (``torch.load(weights_only=True)``).

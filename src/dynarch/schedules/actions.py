@@ -53,6 +53,9 @@ class Action:
 
     name: ClassVar[str] = ""
     planned: ClassVar[bool] = True
+    #: grow targets one at a time, each priced after the ones before it have grown (for
+    #: actions whose cost at one target depends on growth at another, such as widen)
+    sequential: ClassVar[bool] = False
     """Whether :meth:`targets`/:meth:`cost` describe what :meth:`apply` will do."""
 
     def check(self, model: nn.Module) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from .._engine import engine_state
 from ..events import Event
@@ -38,25 +38,62 @@ def _graph(model: nn.Module, cache: dict[int, tuple[int, ModelGraph]]) -> ModelG
     return hit[1]
 
 
-def widen_cost(model: nn.Module, target: str, width: int, graph: ModelGraph | None = None) -> int:
+def widen_cost(
+    model: nn.Module,
+    target: str,
+    width: int,
+    graph: ModelGraph | None = None,
+    init: str = "net2net",
+) -> int:
     """Number of parameters :func:`dynarch.widen` adds when ``target`` gets ``width``
     output units: rows of every coupled producer, the matching input columns of every
     consumer (blocks after a Flatten) and the entries of every norm over those units. Exact
-    for dense layers; in a masked layer (``weight_mask``) the new weights are priced at the
-    layer's current density (the active share widened mask rows/columns carry on average),
-    the currency of a :class:`~dynarch.triggers.Budget` that counts active parameters.
+    for dense layers. In a masked layer (``weight_mask``) only the active new weights count
+    (the currency of a :class:`~dynarch.triggers.Budget` over active parameters), priced as
+    ``widen`` turns them on: exactly for ``init`` zero/random (``max(1, round(density ×
+    slice))`` per new row or column), and at the densest existing row/column for net2net
+    (whose new units copy rows and columns chosen at random), so never below what is added.
 
     Example:
         >>> from dynarch.models import mlp
         >>> widen_cost(mlp(8, [16], 3, batchnorm=True), "fc1", 20)  # 4 * (8 + 1 + 2 + 3)
         56
     """
-    weights, others = _widen_counts(model, target, width, graph)
+    weights, others = _widen_counts(model, target, width, graph, init)
     return weights + others
 
 
+def _masked_added(mask: Tensor, role: set[str], extra: int, block: int, init: str) -> int:
+    """Active weights widening adds to a masked layer (see :func:`widen_cost`)."""
+    rows, cols = mask.shape[0], mask.shape[1]
+    per = math.prod(mask.shape[2:])
+    flat_rows = mask.reshape(rows, -1)
+    density = float(mask.float().mean())
+    added, rows_now, density_now = 0, rows, density
+    if "out" in role and extra:
+        if init == "net2net":  # copies of existing rows
+            per_row = int(flat_rows.sum(1).max())
+        else:
+            per_row = max(1, round(density * cols * per))
+        added += extra * per_row
+        rows_now = rows + extra
+        density_now = (int(mask.sum()) + extra * per_row) / (rows_now * cols * per)
+    if role & {"in", "flat"} and extra:
+        if init == "net2net":  # copies of existing columns (grown by the new rows' copies)
+            col_counts = mask.transpose(0, 1).reshape(cols, -1).sum(1)
+            per_col = int(col_counts.max()) + (extra * per if "out" in role else 0)
+        else:
+            per_col = max(1, round(density_now * rows_now * per))
+        added += extra * block * per_col
+    return added
+
+
 def _widen_counts(
-    model: nn.Module, target: str, width: int, graph: ModelGraph | None = None
+    model: nn.Module,
+    target: str,
+    width: int,
+    graph: ModelGraph | None = None,
+    init: str = "net2net",
 ) -> tuple[int, int]:
     """:func:`widen_cost` split into ``(Linear/Conv2d weights, biases and norm entries)``."""
     resolve(model, target, _LAYERS)
@@ -85,8 +122,8 @@ def _widen_counts(
         cols = shape[1] + (extra * block if role & {"in", "flat"} else 0)
         added = (rows * cols - shape[0] * shape[1]) * per
         mask = layer._buffers.get("weight_mask")
-        if mask is not None:  # new rows/columns carry mask entries at the layer's density
-            added = math.ceil(added * int(mask.sum()) / mask.numel())
+        if mask is not None:  # only the new rows/columns' active entries count
+            added = _masked_added(mask, role, extra, block, init)
         weights += added
         if layer.bias is not None and "out" in role:
             others += extra
@@ -118,6 +155,8 @@ class WidenAction(Action):
         >>> act.targets(model), act.new_width(model, "fc1")
         (['fc1'], 24)
     """
+
+    sequential: ClassVar[bool] = True  # widening fc1 makes fc2's widening cost more
 
     def __init__(
         self,
@@ -244,7 +283,7 @@ class WidenAction(Action):
     def cost(self, model: nn.Module, target: str) -> int:
         """Parameters added by widening ``target`` to :meth:`new_width`."""
         graph = _graph(model, self._cache)
-        return widen_cost(model, target, self.new_width(model, target), graph)
+        return widen_cost(model, target, self.new_width(model, target), graph, self.init)
 
     def adds(self, model: nn.Module, target: str) -> tuple[int, int]:
         """``(connections, units)`` widening ``target`` adds: the new Linear/Conv2d weights
@@ -259,7 +298,7 @@ class WidenAction(Action):
         graph = _graph(model, self._cache)
         width = self.new_width(model, target)
         extra = width - out_units(model.get_submodule(target))
-        weights, _ = _widen_counts(model, target, width, graph)
+        weights, _ = _widen_counts(model, target, width, graph, self.init)
         return weights, extra * len(graph.group(target).producers)
 
     def apply(self, trainer: Trainer, targets: list[str], reason: str) -> list[Event]:

@@ -155,14 +155,20 @@ def grow_once(
                 "grow_once: a credit economy needs an action that names its targets and cost "
                 "(a dynarch.schedules.Action such as 'widen'); a plain function cannot be priced"
             )
-        events = action.apply(trainer, [], reason)
-        record["events"] = len(events)
-        return events, record
+        done = action.apply(trainer, [], reason)
+        record["events"] = len(done)
+        return done, record
+    # A sequential action (widen) grows one target at a time, each priced on the model the
+    # targets before it left (widening fc1 adds inputs to fc2, so fc2's widening then costs
+    # more); any other is priced on the model as it is and applied to all chosen at once.
+    sequential = bool(getattr(action, "sequential", False))
     chosen: list[str] = []
-    total = connections = units = 0
+    events: list[Event] = []
+    total = connections = units = 0  # priced, not yet applied (batch actions)
+    grown_c = grown_u = 0  # applied this round (sequential actions)
     for target in action.targets(model, hint):
         places = action.places(model, target)
-        if embargo is not None and not all(embargo.allowed(p, trainer.step) for p in places):
+        if embargo is not None and not all(embargo.allowed(p) for p in places):  # engine step
             record["embargoed"].append(target)
             continue
         cost = action.cost(model, target)
@@ -171,19 +177,29 @@ def grow_once(
             continue
         if economies:
             c, u = action.adds(model, target)
-            if not all(
-                e.can_afford(connections + c, _priced_units(e, units + u)) for e in economies
-            ):
+            c, u = c + connections + grown_c, u + units + grown_u
+            if not all(e.can_afford(c, _priced_units(e, u)) for e in economies):
                 record["unaffordable"].append(target)
                 continue
-            connections, units = connections + c, units + u
         chosen.append(target)
-        total += cost
-    before = _footprint(model) if economies and chosen else (0, 0)
-    events = action.apply(trainer, chosen, reason) if chosen else []
+        if not sequential:
+            total += cost
+            if economies:
+                connections, units = c - grown_c, u - grown_u
+            continue
+        before = _footprint(model) if economies else (0, 0)
+        events += action.apply(trainer, [target], reason)
+        if economies:
+            after = _footprint(model)
+            grown_c += max(after[0] - before[0], 0)
+            grown_u += max(after[1] - before[1], 0)
+    if chosen and not sequential:
+        before = _footprint(model) if economies else (0, 0)
+        events = action.apply(trainer, chosen, reason)
+        if economies:
+            after = _footprint(model)
+            grown_c, grown_u = max(after[0] - before[0], 0), max(after[1] - before[1], 0)
     if events and economies:
-        after = _footprint(model)
-        grown_c, grown_u = max(after[0] - before[0], 0), max(after[1] - before[1], 0)
         record["paid"] = [
             e.spend(grown_c, _priced_units(e, grown_u), overdraft=True) for e in economies
         ]

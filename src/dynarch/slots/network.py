@@ -296,10 +296,10 @@ class SlottedNetwork(Callback):
             )
         if self.optimizer is None:
             self.optimizer = trainer.optimizer
-        self.update(trainer.step)
+        self.update()  # the engine's step: the trainer keeps it current across fits
 
     def on_step_end(self, trainer: Trainer) -> None:
-        self.update(trainer.step)
+        self.update()
 
     def state_dict(self) -> dict[str, Any]:
         return {"topology": self.topology.state_dict()}
