@@ -343,3 +343,18 @@ def test_no_growth_at_the_evaluation_after_the_last_step() -> None:
         old = GrowOnPlateau(["fc1"], patience=1, threshold=10.0)
         trainer(model, [old], **kw).fit()  # step 8 is the last step of the first run only
         assert [(e.op, e.step) for e in engine_state(model).history] == grown
+
+
+def test_each_widen_target_is_priced_after_the_ones_before_it_grew() -> None:
+    model = net()  # 8-10-6-3
+    t = trainer(model)
+    base = count_params(model)
+    cost_fc1 = 2 * (8 + 1 + 6)  # 30: fc1 gets 2 rows (and biases), fc2 2 input columns
+    cost_fc2_after = 2 * (12 + 1 + 3)  # 32: fc2's rows now have 12 inputs, not 10 (28)
+    budget = Cap(base + cost_fc1 + 30)  # room for fc2 as priced before fc1 grew, not after
+    grow = GrowAsNeeded(Plateau(patience=1, threshold=0.0), "widen", layers=["fc1", "fc2"],
+                        amount=2, budget=budget)  # fmt: skip
+    evaluate(grow, t, 1.0, 1.0)
+    assert budget.asked == [cost_fc1, cost_fc2_after]
+    assert widths(model) == (12, 6) and count_params(model) <= budget.limit
+    assert grow.attempts[-1]["grown"] == ["fc1"] and grow.attempts[-1]["over_budget"] == ["fc2"]

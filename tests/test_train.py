@@ -706,3 +706,29 @@ def test_grow_on_plateau_with_real_widen(tmp_path: Path) -> None:
         if "loss" in d
     }
     assert params[6] == 4 * 16 + 16 + 16 * 2 + 2 and params[7] == 4 * 32 + 32 + 32 * 2 + 2
+
+
+def test_a_second_fit_continues_the_engine_clock() -> None:
+    model = _mlp()
+    fit(model, torch.optim.SGD(model.parameters(), lr=0.1), _data(), epochs=2, batch_size=4,
+        progress=False)  # fmt: skip
+    assert engine_state(model).step == 6
+    with transaction(model, "mark", "*") as tx:
+        tx.details = {}
+    second = _trainer(model, epochs=1)
+    seen: list[tuple[int, int]] = []
+    second.callbacks.append(
+        LambdaCallback(on_step_end=lambda t: seen.append((t.step, engine_state(model).step)))
+    )
+    second.fit()
+    assert second.step_offset == 6 and seen == [(1, 7), (2, 8), (3, 9)]
+    state = _roundtrip(second.state_dict())
+    third = _trainer(model, epochs=2, callbacks=[LambdaCallback()])
+    engine_state(model).step = 9  # as dynarch.load restores it
+    third.load_state_dict(state)
+    assert third.step_offset == 6
+    third.fit()
+    assert engine_state(model).step == 12 and third.step == 6
+    with transaction(model, "mark", "*") as tx:
+        tx.details = {}
+    assert [e.step for e in engine_state(model).history] == [6, 12]
