@@ -246,7 +246,7 @@ def test_save_refuses_a_branch_recorded_on_the_layer_alone(tmp_path: Path) -> No
     with pytest.raises(
         dynarch.checkpoint.CheckpointError,
         match=re.escape(
-            "submodule '0' has structural changes ['branch', 'branch'] recorded on its own "
+            "submodule '0' has structural changes ['branch'] recorded on its own "
             "history, not on the model's, so the checkpoint could not rebuild them; make changes "
             "through the model (e.g. BranchableLayer.add_branch(..., model=model)"
         ),

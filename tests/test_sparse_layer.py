@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +148,39 @@ def test_rewire_errors(kwargs: dict[str, object], message: str) -> None:
         layer().rewire(**kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=re.escape("density must be a number in (0, 1], got 0")):
         DynamicSparseLinear(2, 2, density=0)
+
+
+def test_a_stored_gradient_serves_the_next_rewire_only() -> None:
+    layer = DynamicSparseLinear(6, 5, density=0.4)
+    layer.weight.grad = torch.ones_like(layer.weight)
+    layer.store_gradients()
+    layer.rewire("deep_r", prune_rate=0.5)
+    assert layer.stored_grad is None
+    layer.weight.grad = None
+    with pytest.raises(ValueError, match=r"needs a gradient: call loss.backward\(\)"):
+        layer.rewire("deep_r")  # the copy was used: nothing stale is reused
+
+
+def test_rewires_inside_a_trained_model_are_the_models_events(tmp_path: Path) -> None:
+    import dynarch
+    from dynarch.callbacks import LambdaCallback
+
+    torch.manual_seed(0)
+    model = nn.Sequential(DynamicSparseLinear(6, 4, 0.5), nn.ReLU(), nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    cb = LambdaCallback(on_step_end=lambda t: model[0].rewire("set", optimizer=opt))
+    dynarch.fit(model, opt, (x, y), epochs=1, batch_size=8, callbacks=[cb], run_dir=tmp_path,
+                progress=False)  # fmt: skip
+    events = [e for e in dynarch.history(model) if e.op == "rewire"]
+    assert [(e.step, e.target, list(e.details)) for e in events] == [
+        (1, "0", ["0"]),
+        (2, "0", ["0"]),
+    ]
+    lines = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["op"] for line in lines] == ["rewire", "rewire"]
+    other = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="not a submodule of the model given; pass the model"):
+        model[0].rewire("set", model=other)
+    alone = DynamicSparseLinear(4, 4, 0.5)
+    assert alone.rewire("set").target == "*" and len(dynarch.history(alone)) == 1

@@ -47,6 +47,7 @@ class EngineState:
     base_spec: dict[str, Any] | None = None
     base_order: int = -1  # when base_spec was captured (see _ORDER)
     last_order: int = -1  # when the latest event was recorded
+    orders: list[int] = field(default_factory=list)  # when each event of history was recorded
     slots: dict[str, str] = field(default_factory=dict)  # slot -> attached module name
     wrapped: set[str] = field(default_factory=set)  # attached names whose anchor was wrapped
     listeners: list[Callable[[Event], None]] = field(default_factory=list)
@@ -143,5 +144,6 @@ def transaction(
     if record:
         st.history.append(event)
         st.last_order = next(_ORDER)
+        st.orders.append(st.last_order)
         for fn in list(st.listeners):
             fn(event)

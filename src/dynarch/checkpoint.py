@@ -207,15 +207,21 @@ def _check_no_lost_events(model: nn.Module) -> None:
     st = engine_state(model)
     if st.base_spec is None:
         return  # nothing recorded on the model: its current architecture is the base
-    lost = [
-        (name, sub.__dict__[_ENGINE_ATTR])
-        for name, sub in model.named_modules()
-        if sub is not model and _ENGINE_ATTR in sub.__dict__
-    ]
-    lost = [(n, s) for n, s in lost if s.last_order > st.base_order and s.history]
+    lost = []
+    for name, sub in model.named_modules():
+        sub_st = sub.__dict__.get(_ENGINE_ATTR) if sub is not model else None
+        if sub_st is None:
+            continue
+        orders = sub_st.orders or [sub_st.last_order] * len(sub_st.history)
+        ops = [  # structural changes (with a replay) the model's base does not hold
+            e.op
+            for e, order in zip(sub_st.history, orders)
+            if order > st.base_order and replay_function(e.op) is not None
+        ]
+        if ops:
+            lost.append((name, ops))
     if lost:
-        name, sub_st = lost[0]
-        ops = [e.op for e in sub_st.history]
+        name, ops = lost[0]
         raise CheckpointError(
             f"submodule '{name}' has structural changes {ops} recorded on its own history, not "
             "on the model's, so the checkpoint could not rebuild them; make changes through the "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -279,6 +280,11 @@ class Trainer:
         self._move_optimizer_state()
         if is_sparse(self.model):  # e.g. a loaded sparse checkpoint with a new optimizer
             enforce(self.model, self.optimizer)
+        from .sparse.layer import OWNER, DynamicSparseLinear
+
+        for module in self.model.modules():  # their rewires are the model's events
+            if isinstance(module, DynamicSparseLinear):
+                module.__dict__[OWNER] = weakref.ref(self.model)
         engine_state(self.model).step = self.step_offset + self.step
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -24,13 +24,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._engine import engine_state, transaction
 from ..budgets import check_choice, check_density
 from ..events import Event
 from ..masks import CLEAN, MASK, check_held, get_enforcer, mark_clean
 from . import _ops
+
+OWNER = "_dynarch_owner"  # weakref to the model a Trainer trains this layer in
 
 __all__ = ["DynamicSparseLinear"]
 
@@ -45,8 +47,10 @@ class DynamicSparseLinear(torch.nn.Linear):
     controls both). Masked weights are zero; the forward re-zeroes them only if the weight
     changed since they were last known zero (an optimizer without
     :func:`dynarch.masks.enforce`), so gradients stay dense for :meth:`store_gradients`.
-    Rewiring draws from this layer's engine generator (``dynarch.set_seed(layer, seed)``)
-    and records a ``"rewire"`` event in the layer's history.
+    Rewiring records a ``"rewire"`` event and draws from an engine generator: the model's
+    when the layer is trained by a :class:`~dynarch.train.Trainer` or ``model=`` is given
+    to :meth:`rewire` (the event is then in the model's history and run directory), else
+    the layer's own (``dynarch.set_seed(layer, seed)``).
 
     Example:
         >>> layer = DynamicSparseLinear(4, 3, density=0.5, bias=False)
@@ -111,15 +115,20 @@ class DynamicSparseLinear(torch.nn.Linear):
         *,
         optimizer: torch.optim.Optimizer | None = None,
         regrow_init: str = "zero",
+        model: nn.Module | None = None,
     ) -> Event:
         """One update of this layer; the active count is preserved exactly.
 
         Drops ``min(round(prune_rate * active), inactive)`` active weights of smallest
         ``|w|``, then regrows as many positions among all inactive ones (just-dropped
         included): ``"set"`` uniformly at random, ``"deep_r"`` sampled with probability
-        ``softmax(|g| / temperature)`` (``g``: :meth:`store_gradients`' copy, else the
-        current ``weight.grad``). With ``optimizer`` the state of changed positions is
-        zeroed. ``regrow_init`` as in :class:`~dynarch.sparse.Rewirer`.
+        ``softmax(|g| / temperature)`` (``g``: :meth:`store_gradients`' copy, used by this
+        rewire only, else the current ``weight.grad``). With ``optimizer`` the state of
+        changed positions is zeroed. ``regrow_init`` as in :class:`~dynarch.sparse.Rewirer`.
+        ``model``, the model holding this layer, records the ``"rewire"`` event (details under
+        the layer's name) so its history and run directory show it, and its engine generator
+        draws. By default that is the model a :class:`~dynarch.train.Trainer` trains the layer
+        in, else the layer itself.
 
         Example:
             >>> layer = DynamicSparseLinear(10, 10, density=0.3)
@@ -148,10 +157,23 @@ class DynamicSparseLinear(torch.nn.Linear):
                 f"rewire(method={method!r}, regrow_init={regrow_init!r}) needs a gradient: "
                 "call loss.backward() (and store_gradients()) first"
             )
+        owner: nn.Module = self
+        name = ""
+        trained = self.__dict__.get(OWNER)  # the model a Trainer trains this layer in
+        holder = model if model is not None else (trained() if trained is not None else None)
+        if holder is not None:
+            names = [n for n, m in holder.named_modules() if m is self]
+            if names:
+                owner, name = holder, names[0]
+            elif model is not None:
+                raise ValueError(
+                    "this DynamicSparseLinear is not a submodule of the model given; pass the "
+                    "model that holds it as model="
+                )
         mask = self.mask
         active, n = int(mask.sum()), mask.numel()
         k = min(round(prune_rate * active), n - active)
-        gen = engine_state(self).generator
+        gen = engine_state(owner).generator
         if method == "deep_r":
             assert grad is not None
 
@@ -167,7 +189,7 @@ class DynamicSparseLinear(torch.nn.Linear):
             check_held(optimizer, {"this layer": self}, owner="DynamicSparseLinear.rewire")
         states = [] if optimizer is None else _ops.state_tensors(optimizer, self.weight)
         stale = self.weight._version != self.__dict__.get(CLEAN)  # stepped since last zeroed
-        with torch.no_grad(), transaction(self, "rewire", "*", reason=method) as tx:
+        with torch.no_grad(), transaction(owner, "rewire", name or "*", reason=method) as tx:
             if stale:  # re-zero before mark_clean below vouches for the masked weights
                 self.weight.mul_(mask)
             _ops.rewire_layer(
@@ -175,10 +197,12 @@ class DynamicSparseLinear(torch.nn.Linear):
                 lambda idx: self.weight.detach().reshape(-1).index_select(0, idx).abs(), grow,
                 regrow_init, lambda: grad, states, gen,
             )  # fmt: skip
-            tx.details[""] = {"dropped": k, "regrown": k, "active": active, "density": active / n}
+            tx.details[name] = {"dropped": k, "regrown": k, "active": active, "density": active / n}
+        self.stored_grad = None  # the copy served this rewire; later ones read weight.grad
         mark_clean(self)
-        enforcer = None if optimizer is None else get_enforcer(self, optimizer)
-        if enforcer is not None:
-            enforcer.resync()
+        for holder in {id(owner): owner, id(self): self}.values():
+            enforcer = None if optimizer is None else get_enforcer(holder, optimizer)
+            if enforcer is not None:
+                enforcer.resync()
         assert tx.event is not None
         return tx.event
