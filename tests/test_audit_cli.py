@@ -528,7 +528,9 @@ BAD_CONFIGS = [
      "trigger 'plateau', not 'every'; remove it or set growth.trigger: plateau"),
     (["model.layernorm=true", "growth.policy=widen"], "{cfg}: growth.init='net2net' cannot keep "
      "the function of a layer followed by LayerNorm (model.layernorm: true); use growth.init: "
-     "random or batchnorm"),
+     "random, or model.batchnorm: true instead of layernorm"),
+    (["optimizer.lr=.inf"], "{cfg}: optimizer.lr: Input should be a finite number (got inf)"),
+    (["growth.factor=.inf"], "{cfg}: growth.factor: Input should be a finite number (got inf)"),
     (["model.layernorm=true", "growth.policy=tournament", "growth.candidates=[widen, patch]"],
      "growth.candidates: ['widen', 'patch'] has no candidate this model can use ('widen' cannot "
      "keep the function of a layer followed by LayerNorm; 'patch' needs masks (a sparsity: "

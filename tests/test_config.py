@@ -412,7 +412,8 @@ def test_cross_field_checks() -> None:
     )
     assert _error({"model": {"kind": "mlp", "layernorm": True}, "growth": {}}) == (
         "config: growth.init='net2net' cannot keep the function of a layer followed by LayerNorm "
-        "(model.layernorm: true); use growth.init: random or batchnorm"
+        "(model.layernorm: true); use growth.init: random, or model.batchnorm: true instead of "
+        "layernorm"
     )
     ok = validate_config(
         {"model": {"kind": "mlp", "layernorm": True}, "growth": {"init": "random"}}

@@ -17,8 +17,8 @@ ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 Activation = Literal["relu", "leaky_relu", "gelu", "silu", "tanh", "elu"]
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
-NonNegFloat = Annotated[float, Field(ge=0.0)]
-PosFloat = Annotated[float, Field(gt=0.0)]
+NonNegFloat = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+PosFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 UnitFloat = Annotated[float, Field(ge=0.0, lt=1.0)]  # in [0, 1)
 
 

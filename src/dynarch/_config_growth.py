@@ -75,8 +75,8 @@ class GrowthConfig(_Monitored):
     every: PosInt = 1
     cooldown: NonNegInt = 0
     max_events: PosInt | None = None
-    max_params: Annotated[float, Field(gt=0.0)] | None = None
-    factor: Annotated[float, Field(gt=1.0)] = 1.5
+    max_params: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    factor: Annotated[float, Field(gt=1.0, allow_inf_nan=False)] = 1.5
     max_width: PosInt | None = None
     init: Literal["net2net", "zero", "random"] = "net2net"
     noise: NonNegFloat = 0.0

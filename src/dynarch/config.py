@@ -170,7 +170,8 @@ class SparsityConfig(_Section):
     """``sparsity:``: masks applied when training starts (:func:`dynarch.masks.sparsify`),
     kept (``algorithm: static``) or rewired every ``delta_t`` steps by a dynamic sparse
     training algorithm (:func:`dynarch.sparse.make_rewirer`). ``snapshots``: how many mask
-    heatmaps (first and last step included, so 1 means 2; 0: none) ``<run_dir>/masks`` gets.
+    heatmaps (first and last step included, so 1 means 2; 0: only the final masks are drawn)
+    ``<run_dir>/masks`` gets.
     ``t_end``: the step from which the mask stays fixed, as a step count (an int >= 1) or a
     fraction of the run's optimizer steps (a number in (0, 1), e.g. 0.75 as in RigL); unset:
     rewiring goes on until training ends. ``anneal`` (``cosine``, ``linear``, ``constant``)
@@ -246,7 +247,8 @@ class RunConfig(_Section):
         if self.growth and widen and self.growth.init != "random" and layernorm:
             raise ValueError(
                 f"growth.init={self.growth.init!r} cannot keep the function of a layer followed "
-                "by LayerNorm (model.layernorm: true); use growth.init: random or batchnorm"
+                "by LayerNorm (model.layernorm: true); use growth.init: random, or "
+                "model.batchnorm: true instead of layernorm"
             )
         return self
 
