@@ -616,6 +616,18 @@ def test_settings_that_can_never_act_are_noted(runs: Runs) -> None:
     ]  # patience 2 fires at the 3rd evaluation: no note
 
 
+def test_rewiring_keys_set_under_a_static_mask_are_noted() -> None:
+    from dynarch.config import validate_config
+    from dynarch.runner import idle_settings
+
+    sparsity = {"density": 0.5, "delta_t": 50, "anneal": "linear", "snapshots": 1}
+    assert idle_settings(validate_config({"sparsity": sparsity}), 30) == [
+        "sparsity.delta_t, sparsity.anneal: no effect, as sparsity.algorithm is static (the mask "
+        "is never rewired); set it to set, deep_r, rigl or snfs to rewire"
+    ]
+    assert idle_settings(validate_config({"sparsity": {"density": 0.5}}), 30) == []  # defaults
+
+
 def test_a_run_cut_mid_epoch_says_it_was_not_evaluated(runs: Runs) -> None:
     run_dir, result = runs.get("cut", "train.max_steps=5")
     summary = _complete(run_dir, result)

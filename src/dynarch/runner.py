@@ -344,12 +344,22 @@ def idle_settings(cfg: RunConfig, batches: int) -> list[str]:
         ...     print(line)
         sparsity.delta_t 100 >= the run's 60 optimizer steps: the set mask is never rewired
         growth.patience 2 needs more than the run's 2 evaluations: the plateau trigger never fires
+        >>> cfg = validate_config({"sparsity": {"density": 0.5, "delta_t": 50}})
+        >>> idle_settings(cfg, 30)[0].split(";")[0]
+        'sparsity.delta_t: no effect, as sparsity.algorithm is static (the mask is never rewired)'
     """
     t, notes = cfg.train, []
     steps = t.epochs * batches if t.max_steps is None else min(t.epochs * batches, t.max_steps)
     epochs = t.epochs if t.max_steps is None else min(t.epochs, t.max_steps // batches)
     evals = sum((e + 1) % t.eval_every_epochs == 0 or e + 1 == t.epochs for e in range(epochs))
     sp = cfg.sparsity
+    rewiring = ("delta_t", "drop_fraction", "t_end", "anneal", "regrow_init")
+    unused = [k for k in rewiring if sp is not None and k in sp.model_fields_set]
+    if sp is not None and sp.algorithm == "static" and unused:
+        notes.append(
+            f"sparsity.{', sparsity.'.join(unused)}: no effect, as sparsity.algorithm is static "
+            "(the mask is never rewired); set it to set, deep_r, rigl or snfs to rewire"
+        )
     if sp is not None and sp.algorithm != "static":
         t_end = sp.t_end if not isinstance(sp.t_end, float) else max(1, round(sp.t_end * steps))
         if sp.delta_t >= steps:
