@@ -9,9 +9,12 @@ then, for every optimizer that holds the old parameter:
   therefore LR schedulers are untouched);
 * maps every state tensor shaped like the old parameter (SGD ``momentum_buffer``, Adam
   ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, RMSprop ``square_avg``, Adagrad ``sum``…)
-  with the same indices, zero at new units;
+  with the same indices; new units get the value a fresh parameter starts from (zero, but
+  the group's ``lr`` for Rprop's ``step_size`` and ``initial_accumulator_value`` for
+  Adagrad's ``sum``);
 * copies scalar state (``step``) unchanged;
-* resets, with a warning, state it cannot map (e.g. L-BFGS's flat history).
+* resets, with a warning, state it cannot map (e.g. L-BFGS's flat history over all
+  parameters, which is reset whenever any of its parameters changes, appears or goes).
 
 Parameters that disappear are removed from groups and state; brand-new parameters join the
 group of an *anchor* parameter, right after it, so a single-group optimizer keeps the
@@ -66,13 +69,26 @@ def _locate(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[int,
     return None
 
 
+def _fills(optimizer: torch.optim.Optimizer, group: dict) -> dict[str, float]:
+    """Per-element state whose fresh value (a new unit's) is not zero."""
+    if isinstance(optimizer, torch.optim.Rprop):
+        return {"step_size": float(group["lr"])}
+    if isinstance(optimizer, torch.optim.Adagrad):
+        return {"sum": float(group["initial_accumulator_value"])}
+    return {}
+
+
 def _map_state(
-    old: torch.Tensor, new: torch.Tensor, state: dict, maps: dict[int, torch.Tensor]
+    old: torch.Tensor,
+    new: torch.Tensor,
+    state: dict,
+    maps: dict[int, torch.Tensor],
+    fills: dict[str, float],
 ) -> dict:
     mapped: dict = {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor) and value.shape == old.shape and value.dim() > 0:
-            mapped[key] = index_map(value, maps)
+            mapped[key] = index_map(value, maps, fills.get(key, 0.0))
         elif (isinstance(value, torch.Tensor) and value.numel() <= 1) or isinstance(
             value, int | float | bool | type(None)
         ):
@@ -110,29 +126,52 @@ def transplant(
     """
     if optimizer is None:
         return
+    flat = isinstance(optimizer, torch.optim.LBFGS)
+    had_state = any(optimizer.state.values())
+    touched = False
     for ch in changes:
         where = _locate(optimizer, ch.old)
         if where is None:
             continue  # this optimizer does not train that parameter
+        touched = True
         gi, pi = where
         optimizer.param_groups[gi]["params"][pi] = ch.new
         state = optimizer.state.pop(ch.old, None)
-        if state:
-            mapped = _map_state(ch.old, ch.new, state, ch.maps)
+        if state and not flat:
+            fills = _fills(optimizer, optimizer.param_groups[gi])
+            mapped = _map_state(ch.old, ch.new, state, ch.maps, fills)
             if mapped:
                 optimizer.state[ch.new] = mapped
     for param in removed:
         where = _locate(optimizer, param)
         if where is not None:
+            touched = True
             del optimizer.param_groups[where[0]]["params"][where[1]]
         optimizer.state.pop(param, None)
     for param, anchor in added:
+        touched = True
         where = _locate(optimizer, anchor) if anchor is not None else None
         if where is None:
             optimizer.param_groups[0]["params"].append(param)
             continue
         gi, pi = where
         optimizer.param_groups[gi]["params"].insert(pi + 1, param)
+    if isinstance(optimizer, torch.optim.LBFGS) and touched:
+        _reset_lbfgs(optimizer, had_state)
+
+
+def _reset_lbfgs(optimizer: torch.optim.LBFGS, had_state: bool) -> None:
+    """L-BFGS keeps one flat history over all its parameters (and caches their total size):
+    any change of its parameters invalidates both."""
+    if had_state:
+        warnings.warn(
+            "L-BFGS keeps a flat history over all its parameters, which cannot be index-mapped; "
+            "its optimizer state was reset",
+            stacklevel=4,
+        )
+    optimizer.state.clear()
+    optimizer._params = optimizer.param_groups[0]["params"]
+    optimizer._numel_cache = None
 
 
 def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

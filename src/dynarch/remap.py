@@ -26,7 +26,7 @@ from ._engine import engine_state
 from .graph import ChannelGroup, ModelGraph
 from .optim import ParamChange, transplant
 
-__all__ = ["out_units", "register_remap_extra", "remap"]
+__all__ = ["out_units", "register_remap_extra", "remap", "resized_modules"]
 
 PATCH = "weight_patch"
 RemapExtra = Callable[[nn.Module, ModelGraph, ChannelGroup], dict[str, set[str]]]
@@ -78,17 +78,28 @@ def _random_mask(
     return mask.view(shape[dim], *rest).permute(*perm).contiguous()
 
 
-def _set_param(
-    module: nn.Module,
-    name: str,
-    value: torch.Tensor,
-    changes: list[ParamChange],
-    maps: dict[int, torch.Tensor],
-) -> None:
-    old = getattr(module, name)
-    new = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
-    setattr(module, name, new)
-    changes.append(ParamChange(old, new, maps))
+class _Staged:
+    """Attribute assignments and parameter changes, applied together once all are computed
+    (an error while computing them leaves the model untouched)."""
+
+    def __init__(self) -> None:
+        self.sets: list[tuple[nn.Module, str, object]] = []
+        self.changes: list[ParamChange] = []
+
+    def set(self, module: nn.Module, name: str, value: object) -> None:
+        self.sets.append((module, name, value))
+
+    def param(
+        self, module: nn.Module, name: str, value: torch.Tensor, maps: dict[int, torch.Tensor]
+    ) -> None:
+        old = getattr(module, name)
+        new = nn.Parameter(value.detach(), requires_grad=old.requires_grad)
+        self.set(module, name, new)
+        self.changes.append(ParamChange(old, new, maps))
+
+    def apply(self) -> None:
+        for module, name, value in self.sets:
+            setattr(module, name, value)
 
 
 @dataclass
@@ -114,7 +125,7 @@ def _rows(
     plan: _Plan,
     w: torch.Tensor,
     mask: torch.Tensor | None,
-    changes: list[ParamChange],
+    staged: _Staged,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Re-index output units: rows of weight, mask and bias."""
     index, new_pos = plan.index.to(w.device), plan.new_pos.to(w.device)
@@ -137,11 +148,8 @@ def _rows(
         b = layer.bias.detach().index_select(0, index)
         if plan.fresh:
             b[new_pos] = _uniform((new_pos.numel(),), fan_in, b, plan.gen)
-        _set_param(layer, "bias", b, changes, {0: plan.state_index})
-    if isinstance(layer, nn.Linear):
-        layer.out_features = index.numel()
-    else:
-        layer.out_channels = index.numel()
+        staged.param(layer, "bias", b, {0: plan.state_index})
+    staged.set(layer, "out_features" if isinstance(layer, nn.Linear) else "out_channels", len(w))
     return w, mask
 
 
@@ -151,6 +159,7 @@ def _cols(
     w: torch.Tensor,
     mask: torch.Tensor | None,
     block: int,
+    staged: _Staged,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Re-index input units (a block of ``block`` columns each): returns weight, mask, state map."""
     offsets = torch.arange(block)
@@ -173,10 +182,7 @@ def _cols(
         if new_cols.numel() and plan.init != "net2net":
             shape = (w.shape[0], new_cols.numel(), *w.shape[2:])
             mask[:, new_cols] = _random_mask(shape, density, 1, plan.gen).to(w.device)
-    if isinstance(layer, nn.Linear):
-        layer.in_features = w.shape[1]
-    else:
-        layer.in_channels = w.shape[1]
+    staged.set(layer, "in_features" if isinstance(layer, nn.Linear) else "in_channels", w.shape[1])
     return w, mask, cols_state
 
 
@@ -212,6 +218,37 @@ def remap(
         scale=scale,
         gen=engine_state(model).generator,
     )
+    staged = _Staged()
+    with torch.no_grad():
+        for name, role in _roles(model, graph, group).items():
+            layer = graph.modules[name]
+            assert isinstance(layer, nn.Linear | nn.Conv2d)
+            w = layer.weight.detach()
+            mask = layer._buffers.get("weight_mask")
+            patch = layer._buffers.get(PATCH)
+            maps: dict[int, torch.Tensor] = {}
+            if "out" in role:
+                w, mask = _rows(layer, plan, w, mask, staged)
+                maps[0] = plan.state_index
+                patch = _patch_rows(patch, plan)
+            if role & {"in", "flat"}:
+                block = w.shape[1] // old_width if "flat" in role else 1
+                patch = _patch_cols(patch, plan, block)
+                w, mask, maps[1] = _cols(layer, plan, w, mask, block, staged)
+            if patch is not None:
+                staged.set(layer, PATCH, patch)
+            if mask is not None:
+                w = w * mask
+                staged.set(layer, "weight_mask", mask)
+            staged.param(layer, "weight", w, maps)
+        for name in group.norms:
+            _remap_norm(graph.modules[name], group.norm_dims[name], plan, staged)
+    staged.apply()
+    transplant(optimizer, staged.changes)
+
+
+def _roles(model: nn.Module, graph: ModelGraph, group: ChannelGroup) -> dict[str, set[str]]:
+    """Linear/Conv2d names -> how a re-indexing of ``group`` touches them (out/in/flat)."""
     roles: dict[str, set[str]] = {}
     for name in group.producers:
         roles.setdefault(name, set()).add("out")
@@ -220,32 +257,23 @@ def remap(
     for extra in _EXTRAS:
         for name, role in extra(model, graph, group).items():
             roles.setdefault(name, set()).update(role)
-    changes: list[ParamChange] = []
-    with torch.no_grad():
-        for name, role in roles.items():
-            layer = graph.modules[name]
-            assert isinstance(layer, nn.Linear | nn.Conv2d)
-            w = layer.weight.detach()
-            mask = layer._buffers.get("weight_mask")
-            patch = layer._buffers.get(PATCH)
-            maps: dict[int, torch.Tensor] = {}
-            if "out" in role:
-                w, mask = _rows(layer, plan, w, mask, changes)
-                maps[0] = plan.state_index
-                patch = _patch_rows(patch, plan)
-            if role & {"in", "flat"}:
-                block = w.shape[1] // old_width if "flat" in role else 1
-                patch = _patch_cols(patch, plan, block)
-                w, mask, maps[1] = _cols(layer, plan, w, mask, block)
-            if patch is not None:
-                layer.weight_patch = patch
-            if mask is not None:
-                w = w * mask
-                layer.weight_mask = mask
-            _set_param(layer, "weight", w, changes, maps)
-        for name in group.norms:
-            _remap_norm(graph.modules[name], group.norm_dims[name], plan, changes)
-    transplant(optimizer, changes)
+    return roles
+
+
+def resized_modules(
+    model: nn.Module, graph: ModelGraph, group: ChannelGroup
+) -> dict[str, nn.Module]:
+    """Every module whose parameters a re-indexing of ``group`` replaces (layers, then norms).
+
+    Example:
+        >>> from dynarch.graph import analyse
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 1))
+        >>> graph = analyse(net)
+        >>> list(resized_modules(net, graph, graph.group("0")))
+        ['0', '2', '1']
+    """
+    names = [*_roles(model, graph, group), *group.norms]
+    return {name: graph.modules[name] for name in names}
 
 
 def _patch_rows(patch: torch.Tensor | None, plan: _Plan) -> torch.Tensor | None:
@@ -271,7 +299,7 @@ def _patch_cols(patch: torch.Tensor | None, plan: _Plan, block: int) -> torch.Te
     return patch
 
 
-def _remap_norm(mod: nn.Module, dim: int, plan: _Plan, changes: list[ParamChange]) -> None:
+def _remap_norm(mod: nn.Module, dim: int, plan: _Plan, staged: _Staged) -> None:
     defaults = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}
     for attr, default in defaults.items():
         t = getattr(mod, attr, None)
@@ -281,12 +309,12 @@ def _remap_norm(mod: nn.Module, dim: int, plan: _Plan, changes: list[ParamChange
         if plan.fresh:
             new.index_fill_(dim, plan.new_pos.to(t.device), default)
         if isinstance(t, nn.Parameter):
-            _set_param(mod, attr, new, changes, {dim: plan.state_index})
+            staged.param(mod, attr, new, {dim: plan.state_index})
         else:
-            setattr(mod, attr, new)
+            staged.set(mod, attr, new)
     if isinstance(mod, nn.BatchNorm1d | nn.BatchNorm2d):
-        mod.num_features = plan.index.numel()
+        staged.set(mod, "num_features", plan.index.numel())
     elif isinstance(mod, nn.LayerNorm):
         shape = list(mod.normalized_shape)
         shape[dim] = plan.index.numel()
-        mod.normalized_shape = tuple(shape)
+        staged.set(mod, "normalized_shape", tuple(shape))

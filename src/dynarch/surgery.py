@@ -19,7 +19,7 @@ from torch import nn
 from ._engine import engine_state, transaction
 from .events import Event
 from .graph import ChannelGroup, ModelGraph, UnsupportedModelError, analyse, resolve
-from .remap import out_units, remap
+from .remap import out_units, remap, resized_modules
 
 __all__ = ["INITS", "shrink", "widen"]
 
@@ -42,7 +42,53 @@ def _group_for(model: nn.Module, target: str, op: str) -> tuple[ModelGraph, Chan
         raise UnsupportedModelError(
             f"cannot {op} '{target}': coupled layers differ in width {widths}"
         )
+    _check_params(model, resized_modules(model, graph, group), op, target)
     return graph, group, next(iter(widths.values()))
+
+
+def _check_params(model: nn.Module, modules: dict[str, nn.Module], op: str, target: str) -> None:
+    """Refuse, before anything changes, modules whose parameters cannot be replaced one by one:
+    weights computed from other parameters (parametrizations, ``torch.nn.utils.prune``), lazy
+    weights, and parameters shared with another module (tied weights)."""
+    from torch.nn.utils import parametrize
+
+    owners: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for name, mod in model.named_modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((name, attr, mod))
+    for name, mod in modules.items():
+        if parametrize.is_parametrized(mod):
+            computed = list(getattr(mod, "parametrizations", {}))
+        else:  # torch.nn.utils.prune and the old weight_norm: a plain tensor set by a hook
+            computed = [
+                a
+                for a in ("weight", "bias")
+                if a not in mod._parameters and isinstance(getattr(mod, a, None), torch.Tensor)
+            ]
+        if computed:
+            what = computed[0]
+            raise UnsupportedModelError(
+                f"cannot {op} '{target}': '{name}' computes its {what} from other parameters (a "
+                "parametrization such as weight_norm or spectral_norm, or torch.nn.utils.prune), "
+                "so it cannot be resized; remove it first (torch.nn.utils.parametrize."
+                "remove_parametrizations or torch.nn.utils.prune.remove)"
+            )
+        for attr, p in mod._parameters.items():
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                raise UnsupportedModelError(
+                    f"cannot {op} '{target}': '{name}' has an uninitialised (lazy) {attr}; run "
+                    "one forward pass first"
+                )
+            other = next((o for o in owners.get(id(p), []) if o[2] is not mod), None)
+            if p is not None and other is not None:
+                where = f"{other[0]}.{other[1]}" if other[0] else f"model.{other[1]}"
+                raise UnsupportedModelError(
+                    f"cannot {op} '{target}': layers '{name}' and '{other[0] or 'the model'}' "
+                    f"share one {attr} tensor (tied weights), and resizing one would untie them; "
+                    f"untie them first ({where} = nn.Parameter({name}.{attr}.detach().clone())) "
+                    "or change another layer"
+                )
 
 
 def widen(
@@ -146,8 +192,8 @@ def _check_sources(
             f"sources= names the units that new units copy, which only init='net2net' does; "
             f"got init='{init}'"
         )
-    idx = torch.as_tensor(sources)
-    if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype in (torch.bool, torch.complex64):
+    idx = _as_indices(sources, "sources", "repeats allowed, in the order of the new units")
+    if idx.dim() != 1 or not _integral(idx):
         raise ValueError(
             f"sources must be a 1-D tensor or list of unit indices, got {idx.dtype} of shape "
             f"{tuple(idx.shape)}"
@@ -191,12 +237,8 @@ def shrink(
         (3, 3)
     """
     graph, group, old = _group_for(model, target, "shrink")
-    idx = torch.as_tensor(keep)
-    if (
-        idx.dim() != 1
-        or idx.numel() == 0
-        or idx.dtype in (torch.float16, torch.float32, torch.float64, torch.bool)
-    ):
+    idx = _as_indices(keep, "keep", "e.g. sorted(keep)")
+    if idx.dim() != 1 or idx.numel() == 0 or not _integral(idx):
         raise ValueError(
             "keep must be a non-empty 1-D tensor of unit indices, "
             f"got {idx.dtype} of shape {tuple(idx.shape)}"
@@ -207,8 +249,9 @@ def shrink(
             f"keep holds indices outside [0, {old}) for '{target}' "
             f"(min {int(idx.min())}, max {int(idx.max())})"
         )
+    n_keep = idx.numel()
     idx = torch.unique(idx)
-    if idx.numel() != torch.as_tensor(keep).numel():
+    if idx.numel() != n_keep:
         raise ValueError(f"keep holds duplicate indices for '{target}'")
     _check_blocks(graph, group, old, target)
     with transaction(model, "shrink", target, reason=reason, record=record) as tx:
@@ -227,6 +270,26 @@ def shrink(
         tx.replay = {"target": target, "width": idx.numel()}
     assert tx.event is not None
     return tx.event
+
+
+def _as_indices(value: object, what: str, hint: str) -> torch.Tensor:
+    """``value`` (a tensor or a sequence of ints) as a tensor; sets and non-numbers refused."""
+    if isinstance(value, set | frozenset | dict):
+        raise ValueError(
+            f"{what} must be a 1-D tensor or list of unit indices, got a {type(value).__name__}, "
+            f"which has no order; pass a list ({hint})"
+        )
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"{what} must be a 1-D tensor or list of unit indices, got {value!r} ({exc})"
+        ) from None
+
+
+def _integral(idx: torch.Tensor) -> bool:
+    """Whether ``idx`` holds integers (not bool, floating point or complex numbers)."""
+    return not (idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool)
 
 
 def _check_blocks(graph: ModelGraph, group: ChannelGroup, old: int, target: str) -> None:
@@ -257,10 +320,15 @@ def _details(group: ChannelGroup, old: int, new: int) -> dict:
 
 
 def replay_resize(model: nn.Module, args: dict) -> None:
-    """Rebuild the structure of a recorded widen/shrink (values come from the checkpoint)."""
+    """Rebuild the structure of a recorded widen/shrink (values come from the checkpoint).
+
+    Widening replays with ``init="random"``, the one init every model accepts (a LayerNorm
+    over the units refuses the function-preserving ones); the values it draws are
+    overwritten by the checkpoint's, and the engine generator is restored afterwards.
+    """
     mod = resolve(model, args["target"], _LAYERS)
     new = int(args["width"])
     if new > out_units(mod):
-        widen(model, args["target"], new, init="zero", record=False)
+        widen(model, args["target"], new, init="random", record=False)
     elif new < out_units(mod):
         shrink(model, args["target"], torch.arange(new), record=False)
