@@ -327,8 +327,10 @@ def test_trains_as_a_callback() -> None:
     }  # fmt: skip
     assert float(net.residual("r0c0").alpha) == 1.0  # type: ignore[union-attr]
     assert torch.equal(net(x), model(x))
+    other = _mlp()  # with its own optimizer: the trainer checks the optimizer first
     with pytest.raises(ValueError, match="the trainer trains another model"):
-        fit(_mlp(), opt, (x, y), max_steps=1, callbacks=[net], progress=False)
+        fit(other, torch.optim.SGD(other.parameters(), lr=0.05), (x, y), max_steps=1,
+            callbacks=[net], progress=False)  # fmt: skip
 
 
 def test_callback_state_round_trip() -> None:

@@ -1,16 +1,20 @@
 """Insert modules into a model: ``deepen`` (identity layers), ``attach``/``detach`` (slots).
 
 New modules are placed right after an *anchor* module. When the anchor's parent is an
-``nn.Sequential`` the new module becomes its sibling under a fresh name (``"1_deep"``,
-``"2_slot"``, …) and no existing name changes; otherwise the anchor is wrapped in an
+``nn.Sequential`` that runs its modules only through its own ``forward`` (the model itself,
+or a ``Sequential`` the traced graph shows is called as a whole) the new module becomes its
+sibling under a fresh name (``"1_deep"``, ``"2_slot"``, …) and no existing name changes.
+Otherwise (a ``Sequential`` that ``forward`` iterates or indexes, one with its own
+``forward``, any other parent, or a model torch.fx cannot trace) the anchor is wrapped in an
 ``nn.Sequential`` holding it (as ``"0"``) and the new module, which renames the anchor's
-parameters (``fc1.weight`` → ``fc1.0.weight``).
+parameters (``fc1.weight`` → ``fc1.0.weight``) but keeps the function of every use of it.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -24,11 +28,12 @@ from .graph import (
     IDEMPOTENT,
     NORMS,
     PASS_MODULES,
+    ModelGraph,
     UnsupportedModelError,
     analyse,
     resolve,
 )
-from .nn import Residual
+from .nn import Residual, _check_alpha, _float_param
 from .optim import transplant
 
 __all__ = ["attach", "deepen", "detach"]
@@ -47,16 +52,46 @@ def _fresh(parent: nn.Module, base: str) -> str:
     return name
 
 
+def _whole(model: nn.Module, parent_name: str, graph: ModelGraph | None) -> bool:
+    """Whether the ``nn.Sequential`` ``parent_name`` runs its modules only through its own
+    ``forward``, so a new sibling runs right after its predecessor and nowhere else.
+
+    True for the model itself (when its ``forward`` is ``Sequential``'s) and for a nested one
+    whose every use in the traced ``graph`` lies inside a call of it (``nn_module_stack``);
+    false when ``forward`` iterates or indexes it (``for blk in self.blocks``,
+    ``self.layers[0](x)``), when it overrides ``forward`` or when there is no graph.
+    """
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential) or type(parent).forward is not nn.Sequential.forward:
+        return False
+    if not parent_name:
+        return True
+    if graph is None:
+        return False
+    prefix = parent_name + "."
+    for node in graph.graph.nodes:
+        if node.op in ("call_module", "get_attr") and str(node.target).startswith(prefix):
+            stack = node.meta.get("nn_module_stack") or {}
+            if parent_name not in {entry[0] for entry in stack.values()}:
+                return False
+    return True
+
+
 def insert_after(
-    model: nn.Module, anchor: str, new: list[tuple[str, nn.Module]]
+    model: nn.Module,
+    anchor: str,
+    new: list[tuple[str, nn.Module]],
+    graph: ModelGraph | None = None,
 ) -> tuple[list[str], bool]:
     """Place ``new`` (``(base name, module)`` pairs) right after ``anchor``.
 
-    Returns their full names and whether the anchor had to be wrapped.
+    ``graph`` is the model's traced graph (``None``: untraceable); it tells whether the
+    anchor's parent ``Sequential`` may take a sibling (see :func:`_whole`). Returns the new
+    modules' full names and whether the anchor had to be wrapped.
     """
     parent_name, last = _split(anchor)
     parent = model.get_submodule(parent_name) if parent_name else model
-    if isinstance(parent, nn.Sequential):
+    if isinstance(parent, nn.Sequential) and _whole(model, parent_name, graph):
         items = list(parent._modules.items())
         pos = [k for k, _ in items].index(last) + 1
         names = []
@@ -182,9 +217,9 @@ def deepen(
     The insertion point follows ``after`` through BatchNorm to its activation when an
     activation module follows (called once). The new layer is a square ``Linear`` (identity
     weights, zero bias) or a ``Conv2d`` with the same odd kernel, "same" padding and a Dirac
-    kernel. When the activation is ReLU-like (``a(a(x)) == a(x)``) a copy of it follows the
-    new layer, so the network really gets deeper and the function is unchanged; other
-    activations are not repeated (a second one would change the function).
+    kernel. When the activation is ReLU-like (``a(a(x)) == a(x)``) a copy of it (without the
+    hooks on it) follows the new layer, so the network really gets deeper and the function is
+    unchanged; other activations are not repeated (a second one would change the function).
 
     The new parameters join the optimizer group of the parameter before them in the model.
 
@@ -222,9 +257,9 @@ def deepen(
     base = _split(anchor)[1] + "_deep"
     new: list[tuple[str, nn.Module]] = [(base, layer)]
     if act is not None and isinstance(act, IDEMPOTENT):
-        new.append((base + "_act", copy.deepcopy(act)))
+        new.append((base + "_act", _copy_without_hooks(act)))
     with transaction(model, "deepen", after, reason=reason, record=record) as tx:
-        names, _ = insert_after(model, anchor, new)
+        names, _ = insert_after(model, anchor, new, graph)
         transplant(optimizer, added=_anchored(model, list(layer.parameters()), optimizer))
         tx.details = {
             "anchor": anchor,
@@ -235,6 +270,20 @@ def deepen(
         tx.replay = {"after": after}
     assert tx.event is not None
     return tx.event
+
+
+def _copy_without_hooks(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` without its hooks (forward, backward, state-dict …).
+
+    Hooks belong to whoever registered them on the original (a skip's tap, a monitor):
+    copying them would run them twice per forward, and deep-copy the objects they are bound
+    to (with any tensors those keep)."""
+    memo: dict[int, Any] = {}
+    for mod in module.modules():
+        for key, value in vars(mod).items():
+            if isinstance(value, dict) and (key.endswith("_hooks") or "_hooks_" in key):
+                memo[id(value)] = type(value)()  # the copy gets a fresh, empty one
+    return copy.deepcopy(module, memo)
 
 
 def _canonical(slot: str) -> str:
@@ -268,8 +317,11 @@ def attach(
     """Attach ``module`` at ``slot`` as a residual branch ``x + alpha * module(x)``.
 
     ``slot`` is ``"after:<module name>"`` (or just the module name): the branch reads that
-    module's output. ``alpha`` is a 0-dim parameter starting at 0 by default, so the function
-    is unchanged; ``module`` must map its input to the same shape. The new parameters (the
+    module's output, so ``forward`` must call that module exactly once. ``alpha`` is a finite
+    0-dim parameter starting at 0 by default, so the function is unchanged; ``module`` must
+    map its input to the same shape. ``module`` is moved (in place) to the device and
+    floating dtype of the model where the slot reads (the layer producing it, else the
+    model's first floating parameter), and ``alpha`` takes them too. The new parameters (the
     module's and ``alpha``) join the optimizer group of the parameter before them. A module
     that is already sparse (``weight_mask`` buffers) keeps its masks: they are enforced after
     every step of ``optimizer`` and rebuilt by :func:`dynarch.load`.
@@ -288,18 +340,26 @@ def attach(
         raise ValueError(f"slot '{slot}' is occupied by '{st.slots[slot]}'; detach it first")
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    _check_called_once(model, anchor)
-    ref = next(model.parameters(), None)
+    alpha = _check_alpha(alpha)
+    try:
+        graph: ModelGraph | None = analyse(model)
+    except UnsupportedModelError:
+        graph = None  # untraceable: nothing to count; insert by wrapping the anchor
+    _check_called_once(graph, anchor)
+    producer = _producer(model, anchor, graph)
+    ref = _float_param(producer if producer is not None else model.get_submodule(anchor))
+    ref = _float_param(model) if ref is None else ref
     if ref is not None:
-        module = module.to(ref.device)
-    _check_shape(model, anchor, module, slot)
+        module = module.to(device=ref.device, dtype=ref.dtype)
+    _check_shape(producer, module, slot)
     wrapper = Residual(module, alpha=alpha, trainable_alpha=trainable_alpha)
     if ref is not None:
-        wrapper = wrapper.to(ref.device)
+        wrapper = wrapper.to(device=ref.device, dtype=ref.dtype)
     from .spec import class_path, describe
 
     with transaction(model, "attach", slot, reason=reason, record=record) as tx:
-        (name,), wrapped = insert_after(model, anchor, [(_split(anchor)[1] + "_slot", wrapper)])
+        base = _split(anchor)[1] + "_slot"
+        (name,), wrapped = insert_after(model, anchor, [(base, wrapper)], graph)
         transplant(optimizer, added=_anchored(model, list(wrapper.parameters()), optimizer))
         if optimizer is not None and any(
             m._buffers.get(MASK) is not None for m in module.modules()
@@ -308,38 +368,52 @@ def attach(
         st.slots[slot] = name
         if wrapped:
             st.wrapped.add(name)
-        tx.details = {"module": name, "alpha": float(alpha), "type": type(module).__name__}
+        tx.details = {"module": name, "alpha": alpha, "type": type(module).__name__}
         spec = describe(module) or {"class": class_path(module)}
-        tx.replay = {"slot": slot, "module": spec, "alpha": float(alpha),
+        tx.replay = {"slot": slot, "module": spec, "alpha": alpha,
                      "trainable_alpha": trainable_alpha}  # fmt: skip
     assert tx.event is not None
     return tx.event
 
 
-def _check_called_once(model: nn.Module, anchor: str) -> None:
+def _call_count(graph: ModelGraph, name: str) -> int:
+    """How many times ``forward`` calls the module ``name`` (a leaf of the trace or not)."""
+    calls: set[str] = set()
+    for node in graph.graph.nodes:  # nn_module_stack keys: "name", "name@1", ... per call
+        calls.update(k for k, v in (node.meta.get("nn_module_stack") or {}).items() if v[0] == name)
+    return max(len(calls), len(graph.calls.get(name, [])))
+
+
+def _check_called_once(graph: ModelGraph | None, anchor: str) -> None:
     """Refuse an anchor ``forward`` calls more than once (say a ``self.relu`` reused after
-    the residual add): the attached branch would run at every call site."""
-    try:
-        graph = analyse(model)
-    except UnsupportedModelError:
-        return  # untraceable: nothing to count
-    calls = len(graph.calls.get(anchor, []))
+    the residual add: the attached branch would run at every call site) or never (say the
+    ``linear1`` of an ``nn.TransformerEncoderLayer``, whose own forward uses its weights:
+    the branch would never run, or break that forward). ``graph`` ``None``: untraceable,
+    nothing to count."""
+    if graph is None:
+        return
+    calls = _call_count(graph, anchor)
     if calls > 1:
         raise UnsupportedModelError(
             f"'{anchor}' is called {calls} times in forward, so a module attached after it "
             "would run at each call; attach after a module called once (give each use of "
             f"'{anchor}' its own module)"
         )
+    if calls == 0:
+        raise UnsupportedModelError(
+            f"'{anchor}' is never called in forward as torch.fx traces it (it is unused, or "
+            "used inside a library module's own forward, like the linear1 of an "
+            "nn.TransformerEncoderLayer), so a module attached after it would never run; "
+            "attach after a module that forward calls once"
+        )
 
 
-def _producer(model: nn.Module, anchor: str) -> nn.Linear | nn.Conv2d | None:
+def _producer(
+    model: nn.Module, anchor: str, graph: ModelGraph | None
+) -> nn.Linear | nn.Conv2d | None:
     """The Linear/Conv2d whose units the output of ``anchor`` carries: ``anchor`` itself or
     the one it follows through shape-preserving modules (norms, activations, dropout,
-    pooling); ``None`` when unknown."""
-    try:
-        graph = analyse(model)
-    except UnsupportedModelError:
-        graph = None
+    pooling); ``None`` when unknown (``graph`` ``None``: untraceable)."""
     name = anchor
     for _ in range(len(graph.modules) if graph else 1):
         mod = model.get_submodule(name)
@@ -355,8 +429,7 @@ def _producer(model: nn.Module, anchor: str) -> nn.Linear | nn.Conv2d | None:
     return None
 
 
-def _check_shape(model: nn.Module, anchor: str, module: nn.Module, slot: str) -> None:
-    producer = _producer(model, anchor)
+def _check_shape(producer: nn.Linear | nn.Conv2d | None, module: nn.Module, slot: str) -> None:
     if producer is None:
         return
     spatial: tuple[int, ...] = ()
@@ -364,7 +437,8 @@ def _check_shape(model: nn.Module, anchor: str, module: nn.Module, slot: str) ->
         width = producer.out_features
     else:  # a Conv2d: probe a small "same"-size feature map
         width, spatial = producer.out_channels, (8, 8)
-    probe = torch.zeros(2, width, *spatial, device=producer.weight.device)
+    w = producer.weight
+    probe = torch.zeros(2, width, *spatial, device=w.device, dtype=w.dtype)
     was = module.training
     module.eval()
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -15,24 +17,48 @@ from .replay import register_replay
 __all__ = ["BranchableLayer", "Residual", "add_branch"]
 
 
+def _check_alpha(alpha: object) -> float:
+    """``alpha`` as a float; a clear error unless it is a finite real number."""
+    value = alpha.item() if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 else alpha
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"alpha must be a finite number, got {type(alpha).__name__} {alpha!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"alpha must be a finite number, got {float(value)!r}")
+    return float(value)
+
+
+def _float_param(module: nn.Module) -> torch.Tensor | None:
+    """``module``'s first floating-point parameter (else buffer), or ``None``."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
+
+
 class Residual(nn.Module):
     """``x + alpha * module(x)``: a module attached in a slot, blended in by ``alpha``.
 
     ``alpha`` starts at 0 by default, so attaching leaves the function unchanged; it is a
     0-dim parameter (trainable unless ``trainable_alpha=False``) that a blending schedule
-    may also set directly.
+    may also set directly. It must be finite, and takes the device and floating dtype of
+    ``module``'s first floating parameter (float32 when it has none).
 
     Example:
-        >>> r = Residual(nn.Linear(4, 4))
-        >>> x = torch.randn(2, 4)
-        >>> torch.equal(r(x), x)
-        True
+        >>> r = Residual(nn.Linear(4, 4).double())
+        >>> x = torch.randn(2, 4, dtype=torch.float64)
+        >>> torch.equal(r(x), x), r.alpha.dtype
+        (True, torch.float64)
     """
 
     def __init__(self, module: nn.Module, alpha: float = 0.0, *, trainable_alpha: bool = True):
         super().__init__()
+        value = _check_alpha(alpha)
+        ref = _float_param(module)
+        dev, dtype = (ref.device, ref.dtype) if ref is not None else (None, None)
         self.module = module
-        self.alpha = nn.Parameter(torch.tensor(float(alpha)), requires_grad=trainable_alpha)
+        self.alpha = nn.Parameter(
+            torch.tensor(value, device=dev, dtype=dtype), requires_grad=trainable_alpha
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.alpha * self.module(x)
@@ -150,11 +176,12 @@ class BranchableLayer(nn.Module):
 def _probe_shape(layer: nn.Module, module: nn.Module) -> tuple[torch.Size, torch.Size] | None:
     base = layer
     if isinstance(base, nn.Linear):
-        probe = torch.zeros(2, base.in_features, device=base.weight.device)
+        shape: tuple[int, ...] = (2, base.in_features)
     elif isinstance(base, nn.Conv2d):
-        probe = torch.zeros(2, base.in_channels, 8, 8, device=base.weight.device)
+        shape = (2, base.in_channels, 8, 8)
     else:
         return None
+    probe = torch.zeros(shape, device=base.weight.device, dtype=base.weight.dtype)
     modes = (base.training, module.training)
     base.eval()
     module.eval()
@@ -179,14 +206,21 @@ def add_branch(
 
     One engine event (``op="branch"``): the function is exactly preserved, the optimizer keeps
     the state of the old branch logits/gates (index-mapped, zero for the new entry) and the new
-    branch's parameters join the group of the parameter before them. :func:`dynarch.load`
-    replays it (a custom branch class is passed to it as ``modules=``).
+    branch's parameters join the optimizer groups the way :func:`dynarch.attach`'s do (a new
+    weight joins the group of the layer's weights, a new bias that of its biases, so a weight
+    decay split by parameter kind is kept). ``module`` is moved to the device and floating
+    dtype of the base branch. The event's details name the new branch as ``created`` and the
+    branched layer as ``layer`` (so learning-rate strategies treat the branch as new and the
+    layer as grown). :func:`dynarch.load` replays it (a custom branch class is passed to it as
+    ``modules=``).
 
     Example:
         >>> net = nn.Sequential(BranchableLayer(nn.Linear(4, 4)), nn.ReLU())
-        >>> add_branch(net, "0", nn.Linear(4, 4)).op
-        'branch'
+        >>> event = add_branch(net, "0", nn.Linear(4, 4))
+        >>> event.op, event.details["created"], event.details["layer"]
+        ('branch', ['0.branches.1'], '0')
     """
+    from .insert import _anchored
     from .spec import class_path, describe
 
     layer = model.get_submodule(target) if target else model
@@ -204,7 +238,9 @@ def add_branch(
             f"BranchableLayer '{target}' already has {n} branches "
             f"(max_branches={layer.max_branches}); build it with a larger max_branches"
         )
-    module = module.to(layer.branch_logits.device)
+    ref = _float_param(layer.branches[0])
+    ref = layer.branch_logits if ref is None else ref
+    module = module.to(device=ref.device, dtype=ref.dtype)
     shapes = _probe_shape(layer.branches[0], module)
     if shapes is not None and shapes[0] != shapes[1]:
         raise ValueError(
@@ -213,20 +249,19 @@ def add_branch(
         )
     with transaction(model, "branch", target, reason=reason, record=record) as tx:
         changes = layer.grow(module)
-        fresh = {id(p) for p in module.parameters()}
-        added: list[tuple[nn.Parameter, nn.Parameter | None]] = []
-        prev: nn.Parameter | None = None
-        for p in model.parameters():  # each new parameter after the one before it
-            if id(p) in fresh:
-                added.append((p, prev))
-            prev = p
-        transplant(optimizer, changes, added=added)
+        transplant(optimizer, changes, added=_anchored(model, list(module.parameters()), optimizer))
         if optimizer is not None and any(m._buffers.get("weight_mask") is not None
                                          for m in module.modules()):  # fmt: skip
             from .masks import enforce
 
             enforce(model, optimizer)  # a branch added already sparse keeps its masks
-        tx.details = {"branches": n + 1, "type": type(module).__name__}
+        prefix = f"{target}." if target else ""
+        tx.details = {
+            "branches": n + 1,
+            "type": type(module).__name__,
+            "created": [f"{prefix}branches.{n}"],
+            "layer": target,
+        }
         tx.replay = {"target": target, "module": describe(module) or {"class": class_path(module)}}
     assert tx.event is not None
     return tx.event

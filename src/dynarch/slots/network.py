@@ -138,8 +138,10 @@ class SlottedNetwork(Callback):
         topology_or_slots: a :class:`SlotTopology`; a list of ``after:<module>`` ids; a
             ``{functional name: "after:<module>"}`` mapping; or ``None`` for the topology
             already registered on ``base`` (e.g. restored by :func:`dynarch.load`).
-        optimizer: gets the new parameters (its state for old ones is kept); when ``None``
-            the trainer's optimizer is adopted at ``on_fit_start``.
+        optimizer: gets the new parameters (its state for old ones is kept). As a training
+            callback, every ``on_fit_start`` replaces it with the trainer's optimizer: that is
+            the one stepping, so modules grown during a fit (a later fit with a new optimizer
+            included) join it and train.
         alpha_schedule: how a training slot's alpha grows (default ``LinearRamp(100)``).
 
     Example:
@@ -294,8 +296,7 @@ class SlottedNetwork(Callback):
                 "the trainer trains another model than the SlottedNetwork grows; "
                 "give the trainer the SlottedNetwork's model (net.model)"
             )
-        if self.optimizer is None:
-            self.optimizer = trainer.optimizer
+        self.optimizer = trainer.optimizer  # the one stepping: new modules must join it
         self.update()  # the engine's step: the trainer keeps it current across fits
 
     def on_step_end(self, trainer: Trainer) -> None:

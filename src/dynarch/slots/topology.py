@@ -5,6 +5,7 @@ See :mod:`dynarch.slots` for the lifecycle and how slots map to places in a mode
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
@@ -115,6 +116,12 @@ class SlotTopology:
             for c in range(cols)
         }
         self._names: dict[str, str] = {}
+        if names is not None and not isinstance(names, Mapping):
+            raise TypeError(
+                f"names must be a mapping {{functional name: slot id}} (e.g. "
+                f"{{'head': 'r0c0'}} or {{'head': 'after:fc1'}}), got {type(names).__name__} "
+                f"{names!r:.80}"
+            )
         if anchors is not None:
             self.set_anchors(anchors)
         for name, slot_id in (names or {}).items():
@@ -145,6 +152,15 @@ class SlotTopology:
         self._check_name(name)
         if isinstance(slot_id, str) and slot_id.startswith("after:") and slot_id not in self:
             self.add_slot(slot_id)
+        if slot_id not in self:
+            layer = isinstance(slot_id, str) and not re.fullmatch(r"r\d+c\d+", slot_id)
+            hint = f"; did you mean 'after:{slot_id}'?" if layer else ""
+            known = [*self._slots, *self._names]
+            raise KeyError(
+                f"functional name {name!r} names unknown slot {slot_id!r}: a slot id is a grid "
+                f"id 'r<row>c<col>', a layer slot 'after:<module name>' or a functional name "
+                f"(known: {known[:8]}{'...' if len(known) > 8 else ''}){hint}"
+            )
         self._names[name] = self.resolve(slot_id)
 
     def set_anchors(self, anchors: Sequence[str]) -> None:
