@@ -798,8 +798,8 @@ def test_dynamic_and_sparse_strategies_before_and_after_a_widen(kind: str) -> No
         masked = {n for n, m in model.named_modules() if hasattr(m, "weight_mask")}
         for group in opt.param_groups:
             unit = model.get_submodule(group["name"])
-            lars = 1.0
-            if getattr(unit, "weight", None) is not None and unit.weight.dim() >= 2:
+            lars = 1.0  # LARS adapts the >=2-D parameters only (their own group)
+            if group["params"][0].dim() >= 2:
                 w, g = unit.weight.detach(), unit.weight.grad
                 lars = 0.001 * float(w.norm() / (g.norm() + 1e-8))
             expected = 0.1 ** (6 / 1000) * (7 / 10) * (0.5 if group["name"] in masked else 1.0)
@@ -891,8 +891,8 @@ BAD: list[tuple[str, Callable[[], object], type[Exception], str]] = [
      r"unknown learning-rate strategy 'cascad' \(did you mean 'cascade'\?\)"),
     ("widen nothing widenable", lambda: make_action("widen").check(
         nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))),
-     ValueError, r"widen: no hidden layer of the model can be widened with init='net2net' "
-     r"\(hidden layers: \['0'\]\); name layers= or use init='random'"),
+     ValueError, r"widen: no hidden layer of the model can be widened with init='net2net': "
+     r"'0': LayerNorm '1' normalises over its units, .*; use init='random'"),
     ("embargo ops", lambda: Embargo(cnn(), steps=1, ops="prune"), ValueError,
      r"ops must be a non-empty sequence of op names .* got 'prune'"),
 ]  # fmt: skip

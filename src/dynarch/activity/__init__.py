@@ -3,8 +3,10 @@
 
 Both triggers watch the *post-activation* output of chosen ``Linear``/``Conv2d`` layers (each
 keyed by the producer's name): the output of the activation module that follows the layer
-(through a BatchNorm/LayerNorm) in the traced forward, or the layer's own output when no
-activation module follows (functional activations, an untraceable model). Forward hooks
+(through a BatchNorm/LayerNorm) in the traced forward (when that module is shared, called at
+several places as torchvision's ``self.relu``, the output before it with the activation
+applied: :func:`activation_tap`), or the layer's own output when no activation module
+follows (functional activations, an untraceable model). Forward hooks
 accumulate, per unit, over every observed sample (conv: every sample and position), the sum
 of activations, of their absolute values, the number of positive (*active*) and of non-zero
 values: a few vectorised reductions per forward, no per-element loops.
@@ -39,11 +41,11 @@ from torch.utils.hooks import RemovableHandle
 from ..graph import resolve as _resolve
 from ..remap import out_units
 from ..triggers import Trigger, check_state, register_trigger
-from ._taps import carrier, forward_layers, post_activation, try_analyse
+from ._taps import activation_tap, carrier, forward_layers, post_activation, try_analyse
 
 __all__ = [
-    "SATURATION", "Extrema", "Utilization", "carrier", "forward_layers", "post_activation",
-    "try_analyse",
+    "SATURATION", "Extrema", "Utilization", "activation_tap", "carrier", "forward_layers",
+    "post_activation", "try_analyse",
 ]  # fmt: skip
 
 SATURATION = ("bounded", "quantile")
@@ -52,14 +54,16 @@ _KEYS = ("count", "sum", "abs_sum", "active", "nonzero")
 _SUMS = _KEYS[1:]
 
 
-def _bound(mod: nn.Module) -> float | None:
-    """Largest |output| of a bounded activation module (None: unbounded)."""
-    if isinstance(mod, nn.Sigmoid | nn.Tanh | nn.Hardsigmoid | nn.Softsign):
-        return 1.0
+def _bound(mod: nn.Module) -> tuple[float, float] | None:
+    """``(lower, upper)`` output bounds of a bounded activation module (None: unbounded)."""
+    if isinstance(mod, nn.Sigmoid | nn.Hardsigmoid):
+        return 0.0, 1.0
+    if isinstance(mod, nn.Tanh | nn.Softsign):
+        return -1.0, 1.0
     if isinstance(mod, nn.ReLU6):
-        return 6.0
+        return 0.0, 6.0
     if isinstance(mod, nn.Hardtanh):
-        return max(abs(float(mod.min_val)), abs(float(mod.max_val)))
+        return float(mod.min_val), float(mod.max_val)
     return None
 
 
@@ -98,15 +102,31 @@ class _Activity(Trigger):
         self._stats: dict[str, dict[str, Tensor]] = {}  # per-unit sums
         self._count: dict[str, int] = {}  # observations per unit (a shape fact: no sync)
         self._handles: list[RemovableHandle] = []
-        self.taps = {n: post_activation(graph, n) for n in self.layers}
+        self._points: dict[str, tuple[str, str | None]] = {}
+        self.taps: dict[str, str] = {}
+        """``{layer: the activation module whose output is read}`` (the layer itself when no
+        activation module follows it)."""
+        self._locate(graph)
+
+    def _locate(self, graph: Any) -> None:
+        """Find each layer's tap (:func:`activation_tap`) in the traced ``graph``."""
+        for name in self.layers:
+            self._points[name] = point = activation_tap(graph, name)
+            self.taps[name] = point[1] or point[0]
 
     # -- collection ------------------------------------------------------------------------
 
-    def _hook(self, name: str, conv: bool) -> Callable[[nn.Module, Any, Any], None]:
+    def _hook(
+        self, name: str, conv: bool, act: nn.Module | None = None
+    ) -> Callable[[nn.Module, Any, Any], None]:
+        copy = act is not None and bool(getattr(act, "inplace", False))
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not isinstance(output, Tensor):
                 return
             t = output.detach()
+            if act is not None:  # a shared activation: apply it here (never in place)
+                t = act.forward(t.clone() if copy else t)
             dim = (1 if t.dim() == 4 else 0) if conv else t.dim() - 1
             dims = [d for d in range(t.dim()) if d != dim]
             width = t.shape[dim]
@@ -128,18 +148,19 @@ class _Activity(Trigger):
         every forward pass from now on is counted; idempotent."""
         if self._handles:
             return
-        graph = try_analyse(self.model)
         modules = dict(self.model.named_modules())
         for name in self.layers:
-            producer = modules.get(name)
-            if not isinstance(producer, _LAYERS):
+            if not isinstance(modules.get(name), _LAYERS):
                 raise ValueError(
                     f"layer '{name}' is no longer a Linear/Conv2d of the model; "
                     "build a new trigger for the current model"
                 )
-            self.taps[name] = tap = post_activation(graph, name)
-            hook = self._hook(name, isinstance(producer, nn.Conv2d))
-            self._handles.append(modules[tap].register_forward_hook(hook))
+        self._locate(try_analyse(self.model))
+        for name in self.layers:
+            point, act = self._points[name]
+            conv = isinstance(modules[name], nn.Conv2d)
+            hook = self._hook(name, conv, None if act is None else modules[act])
+            self._handles.append(modules[point].register_forward_hook(hook))
 
     def stop(self) -> None:
         """Remove the hooks (statistics are kept)."""
@@ -217,10 +238,13 @@ class Extrema(_Activity):
     the observations. It is **saturated** by the rule chosen with ``saturation``:
 
     * ``None`` (default, no ``quantile``): never (only dead units count);
-    * ``"bounded"``: its mean ``|activation|`` exceeds ``(1 - eps) × bound``, the bound of the
-      bounded activation that follows the layer (Sigmoid/Tanh/Hardsigmoid/Softsign 1, ReLU6
-      6, Hardtanh ``max(|min_val|, |max_val|)``); a layer with an unbounded activation is
-      refused;
+    * ``"bounded"``: it sits at the bounds of the bounded activation that follows the layer
+      (Sigmoid/Hardsigmoid ``[0, 1]``, Tanh/Softsign ``[-1, 1]``, ReLU6 ``[0, 6]``, Hardtanh
+      ``[min_val, max_val]``): the mean of ``a / upper`` over its positive activations plus
+      ``a / lower`` over its negative ones (each bound checked on its own side; 0 and 1 for
+      a unit pinned at 0 or at a bound) exceeds ``1 - eps``. With symmetric bounds ``±b``
+      this is a mean ``|activation|`` above ``(1 - eps) × b``. A layer with an unbounded
+      activation is refused;
     * ``"quantile"`` (implied by giving ``quantile=q``): its mean activation is *strictly*
       above the ``q``-quantile (linear interpolation) of the layer's unit means: the
       relatively most active units, at most a ``1 - q`` share of them (none when all means
@@ -281,9 +305,15 @@ class Extrema(_Activity):
             return None
         dead = s["active"] < self.eps
         if self.saturation == "bounded":
-            bound = _bound(self.model.get_submodule(self.taps[layer]))
-            assert bound is not None
-            sat = s["mean_abs"] > (1 - self.eps) * bound
+            bounds = _bound(self.model.get_submodule(self.taps[layer]))
+            assert bounds is not None
+            lower, upper = bounds
+            # mean positive and negative parts, each as a share of the bound on its side
+            pos, neg = (s["mean_abs"] + s["mean"]) / 2, (s["mean_abs"] - s["mean"]) / 2
+            share = pos / upper if upper > 0 else torch.zeros_like(pos)
+            if lower < 0:
+                share = share + neg / -lower
+            sat = share > 1 - self.eps
         elif self.saturation == "quantile":
             assert self.quantile is not None
             mean = s["mean"]

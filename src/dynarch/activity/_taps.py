@@ -12,7 +12,7 @@ from torch import fx, nn
 
 from ..graph import ACTIVATIONS, NORMS, PASS_MODULES, ModelGraph, UnsupportedModelError, analyse
 
-__all__ = ["carrier", "forward_layers", "post_activation", "try_analyse"]
+__all__ = ["activation_tap", "carrier", "forward_layers", "post_activation", "try_analyse"]
 
 _LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -71,6 +71,47 @@ def post_activation(graph: ModelGraph | None, name: str) -> str:
             return target
         break
     return name
+
+
+def activation_tap(graph: ModelGraph | None, name: str) -> tuple[str, str | None]:
+    """Where producer ``name``'s post-activation can be read: ``(module to hook, activation
+    to apply to its output)``. The activation is ``None`` when the hooked module's output is
+    the post-activation itself (as :func:`post_activation` finds it). When the activation
+    module that follows ``name`` (through norms each called once) is *shared*, called at
+    several places of the forward (one ``nn.ReLU`` reused, torchvision style), a hook on it
+    would mix every call; the tap is then the module just before it (the norm, or ``name``)
+    and the activation's own ``forward`` is applied to that output. ``(name, None)`` when no
+    activation module follows.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b, self.relu = nn.Linear(2, 3), nn.Linear(3, 3), nn.ReLU()
+        ...         self.bn = nn.BatchNorm1d(3)
+        ...     def forward(self, x):
+        ...         return self.relu(self.b(self.relu(self.bn(self.a(x)))))
+        >>> activation_tap(analyse(Net()), "a"), activation_tap(analyse(Net()), "b")
+        (('bn', 'relu'), ('b', 'relu'))
+    """
+    nodes = graph.calls.get(name, []) if graph is not None else []
+    if graph is None or len(nodes) != 1:
+        return name, None
+    node, last = nodes[0], name
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        target = str(user.target)
+        if user.op != "call_module" or not user.args or user.args[0] is not node:
+            break
+        mod = graph.modules[target]
+        shared = len(graph.calls.get(target, [])) != 1
+        if isinstance(mod, NORMS) and not shared:
+            node, last = user, target
+            continue
+        if isinstance(mod, ACTIVATIONS):
+            return (last, target) if shared else (target, None)
+        break
+    return name, None
 
 
 def carrier(graph: ModelGraph | None, name: str) -> str | None:

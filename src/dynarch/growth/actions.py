@@ -58,9 +58,11 @@ class PatchesAction(Action):
     with the engine generator) are observed by an :class:`~dynarch.activity.Extrema` with
     ``eps`` (dead units) and ``quantile`` (the most active units count as saturated), and
     patches ``patch_size`` wide are turned on around those units — at most ``amount`` × the
-    targets' active connections, and never more than ``budget.headroom(model)["params"]``
-    when ``budget`` is given. The cost of a target (checked by the schedule against its
-    budget) is ``ceil(amount × its active connections)``, the most it may add.
+    targets' active connections, and never more than the ``budget`` (when given) has room
+    for (:meth:`room`: its parameter and FLOP headroom). The cost of a target (checked by the
+    schedule against its budget) is ``ceil(amount × its active connections)``, the most it
+    may add; its FLOPs are that many connections times the positions the target is applied
+    at (:meth:`weights_added`), an upper bound.
 
     Example:
         >>> PatchesAction(amount=0.25, patch_size=16).patch_size
@@ -94,6 +96,13 @@ class PatchesAction(Action):
         self.init = init
         if budget is not None and not callable(getattr(budget, "headroom", None)):
             raise TypeError(f"patches: budget needs a headroom(model) method, got {budget!r}")
+        if getattr(budget, "max_flops", None) is not None and not callable(
+            getattr(budget, "positions", None)
+        ):
+            raise TypeError(
+                "patches: a budget with max_flops needs a positions(model) method (FLOPs of "
+                f"one weight per layer, as dynarch.triggers.Budget has), got {budget!r}"
+            )
         self.budget = budget
 
     def check(self, model: nn.Module) -> None:
@@ -120,11 +129,45 @@ class PatchesAction(Action):
     def cost(self, model: nn.Module, target: str) -> int:
         """The most connections a growth adds at ``target``: ``ceil(amount × active)``, and
         with a ``budget`` no more than its headroom (so the last growth fills the budget
-        instead of being refused for overshooting it)."""
+        instead of being refused for overshooting it; see :meth:`room`)."""
         wanted = math.ceil(self.amount * _active(model, target))
-        if self.budget is not None:
-            wanted = min(wanted, max(int(self.budget.headroom(model)["params"]), 0))
-        return wanted
+        room = self.room(model, [target])
+        return wanted if room is None else min(wanted, room)
+
+    def room(self, model: nn.Module, targets: Sequence[str]) -> int | None:
+        """The most connections ``budget`` leaves room for at ``targets`` (None: no limit):
+        its ``"params"`` headroom, and its ``"flops"`` headroom divided by the most
+        multiply-adds one connection costs in a target (the positions it is applied at,
+        ``budget.positions(model)``). A ``count_masked=True`` budget already counts the
+        masked-off positions patches turn on, so it sets no limit.
+
+        Example:
+            >>> from dynarch.masks import sparsify
+            >>> from dynarch.models import mlp
+            >>> from dynarch.triggers import Budget
+            >>> model = mlp(16, [32], 4); _ = sparsify(model, 0.1, distribution="uniform")
+            >>> budget = Budget(max_flops=100, input_shape=(16,))
+            >>> budget.headroom(model), PatchesAction(budget=budget).room(model, ["fc1"])
+            ({'flops': 36}, 36)
+        """
+        if self.budget is None or getattr(self.budget, "count_masked", False) is True:
+            return None
+        headroom = self.budget.headroom(model)
+        limits = [int(headroom["params"])] if "params" in headroom else []
+        if "flops" in headroom:
+            positions = self.budget.positions(model)
+            per = max((positions.get(t, 0) for t in targets), default=0)
+            if per > 0:
+                limits.append(int(headroom["flops"]) // per)
+        return max(min(limits), 0) if limits else None
+
+    def weights_added(
+        self, model: nn.Module, target: str, *, dense: bool = False
+    ) -> tuple[dict[str, int], int]:
+        """``({target: cost(model, target)}, 0)``: patches turn on masked-off positions of
+        ``target`` only, at most :meth:`cost` of them (with ``dense``: ``({target: 0}, 0)``,
+        the positions were already counted)."""
+        return {target: 0 if dense else self.cost(model, target)}, 0
 
     def _inputs(self, trainer: Trainer) -> torch.Tensor:
         x = trainer.train_data[0]
@@ -140,8 +183,9 @@ class PatchesAction(Action):
 
         model = trainer.model
         limit = sum(self.cost(model, t) for t in targets)
-        if self.budget is not None:
-            limit = min(limit, int(self.budget.headroom(model)["params"]))
+        room = self.room(model, targets)
+        if room is not None:
+            limit = min(limit, room)
         if limit <= 0 or not targets:
             return []
         extrema = Extrema(model, targets, eps=self.eps, quantile=self.quantile)

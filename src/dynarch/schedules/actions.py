@@ -36,7 +36,10 @@ from ..triggers.base import check_kwargs
 if TYPE_CHECKING:
     from ..train import Trainer
 
-__all__ = ["ACTIONS", "Action", "FunctionAction", "as_action", "make_action", "register_action"]
+__all__ = [
+    "ACTIONS", "Action", "FunctionAction", "as_action", "make_action", "prices_layers",
+    "register_action",
+]  # fmt: skip
 
 
 class Action:
@@ -80,6 +83,26 @@ class Action:
         afford. Default: ``(cost(model, target), 0)``, every added parameter a connection."""
         return self.cost(model, target), 0
 
+    def weights_added(
+        self, model: nn.Module, target: str, *, dense: bool = False
+    ) -> tuple[dict[str, int], int]:
+        """What the change at ``target`` adds, per layer: ``({Linear/Conv2d name: weights},
+        other parameters)``. Weights count as :meth:`cost` does (a masked layer: its active
+        new weights), or with ``dense`` every new weight position, active or not. A schedule
+        needs it to price a growth against a FLOP budget (``max_flops``: a layer's added
+        weights times the positions it is applied at) or a dense one (``count_masked=True``);
+        an action that does not override it is refused with such a budget.
+
+        Example:
+            >>> from dynarch.models import mlp
+            >>> make_action("widen", amount=2).weights_added(mlp(8, [16], 3), "fc1")
+            ({'fc1': 16, 'out': 6}, 2)
+        """
+        raise NotImplementedError(
+            f"action {type(self).__name__} does not say which layers it grows "
+            "(Action.weights_added)"
+        )
+
     def apply(self, trainer: Trainer, targets: list[str], reason: str) -> list[Event]:
         """Change ``targets`` of ``trainer.model``; returns the engine events."""
         raise NotImplementedError
@@ -91,6 +114,17 @@ class Action:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
         check_state(type(self).__name__, state, set())
+
+
+def prices_layers(action: Action) -> bool:
+    """Whether ``action`` says which layers it grows (overrides :meth:`Action.weights_added`),
+    as a FLOP budget or a dense budget needs.
+
+    Example:
+        >>> prices_layers(make_action("widen")), prices_layers(FunctionAction(print))
+        (True, False)
+    """
+    return type(action).weights_added is not Action.weights_added
 
 
 ACTIONS: dict[str, type[Action]] = {}

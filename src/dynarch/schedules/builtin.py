@@ -19,7 +19,7 @@ from ..graph import ModelGraph, UnsupportedModelError, analyse, resolve
 from ..models import hidden_layer_names
 from ..remap import out_units
 from .actions import Action, register_action
-from .pricing import _widen_counts, widen_cost
+from .pricing import _widen_counts, widen_cost, widen_plan
 
 if TYPE_CHECKING:
     from ..train import Trainer
@@ -122,10 +122,12 @@ class WidenAction(Action):
         for name in self.layers or []:
             resolve(model, name, _LAYERS)
         if self.layers is None and not self._widenable(model, hidden_layer_names(model)):
+            hidden = hidden_layer_names(model)
+            graph = _graph(model, self._cache)
+            whys = [f"'{n}': {self._why_not(model, graph, n)}" for n in hidden]
             raise ValueError(
-                f"widen: no hidden layer of the model can be widened with init={self.init!r} "
-                f"(hidden layers: {hidden_layer_names(model)}); name layers= or use "
-                "init='random' when a LayerNorm follows them"
+                f"widen: no hidden layer of the model can be widened with init={self.init!r}: "
+                + ("; ".join(whys) if whys else "the model has no hidden layer")
             )
         graph = _graph(model, self._cache)
         for name in self.layers or []:
@@ -144,6 +146,14 @@ class WidenAction(Action):
                 f"init={self.init!r} cannot preserve the function; use init='random'"
             )
         return None
+
+    def _why_not(self, model: nn.Module, graph: ModelGraph, name: str) -> str:
+        """Why hidden layer ``name`` is not widenable (see :meth:`check`)."""
+        if not isinstance(model.get_submodule(name), _LAYERS):
+            return "not a Linear/Conv2d"
+        if name not in graph.group_of:
+            return "not reached by the traced forward pass"
+        return self._blocker(graph, name) or "unknown"
 
     def _widenable(self, model: nn.Module, names: Sequence[str]) -> list[str]:
         """The Linear/Conv2d layers among ``names`` that can be widened now."""
@@ -205,6 +215,23 @@ class WidenAction(Action):
         extra = width - out_units(model.get_submodule(target))
         weights, _ = _widen_counts(model, target, width, graph, self.init)
         return weights, extra * len(graph.group(target).producers)
+
+    def weights_added(
+        self, model: nn.Module, target: str, *, dense: bool = False
+    ) -> tuple[dict[str, int], int]:
+        """Weights widening ``target`` to :meth:`new_width` adds to each coupled layer and
+        consumer, and the biases and norm entries it adds (see
+        :func:`~dynarch.schedules.pricing.widen_plan`): exact for dense layers and, with
+        ``dense``, for masked ones.
+
+        Example:
+            >>> from dynarch.models import mlp
+            >>> WidenAction(amount=2).weights_added(mlp(8, [10, 6], 3), "fc1")
+            ({'fc1': 16, 'fc2': 12}, 2)
+        """
+        graph = _graph(model, self._cache)
+        width = self.new_width(model, target)
+        return widen_plan(model, target, width, graph, self.init, dense=dense)
 
     def apply(self, trainer: Trainer, targets: list[str], reason: str) -> list[Event]:
         """Widen each target; one ``widen`` event each."""
@@ -307,6 +334,12 @@ class StructuredPruneAction(Action):
                 f"structured_prune: amount must be a unit count (int >= 1) or a fraction in "
                 f"(0, 1), got {amount!r}"
             )
+        from ..prune.magnitude import _check_norm
+
+        try:
+            _check_norm(norm)
+        except ValueError as exc:
+            raise ValueError(f"structured_prune: {exc}") from None
         self.layers = list(layers)
         self.amount = amount
         self.norm = norm

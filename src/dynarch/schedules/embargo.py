@@ -31,10 +31,40 @@ from ..callbacks import Callback
 from ..events import Event
 from ..triggers import check_state
 
-__all__ = ["EMBARGO_OPS", "Embargo", "event_places"]
+__all__ = ["EMBARGO_OPS", "KNOWN_OPS", "Embargo", "event_places"]
 
 EMBARGO_OPS = ("prune", "shrink", "detach")
 """Ops that embargo the places they touch by default (``"rewire"`` can be added)."""
+
+KNOWN_OPS = (
+    "attach", "branch", "connect", "deepen", "detach", "highway", "patch", "proportional",
+    "prune", "rewire", "shrink", "skip", "sparsify", "tournament", "widen",
+)  # fmt: skip
+"""The ops of the engine's structural events (an op registered with
+:func:`dynarch.checkpoint.register_replay` is accepted too)."""
+
+
+def _check_ops(ops: object) -> tuple[str, ...]:
+    """``ops`` as a tuple, refusing an op name no event carries (it would never embargo)."""
+    from ..replay import replay_function  # lazy: the replays import much of the package
+
+    if (
+        isinstance(ops, str)
+        or not isinstance(ops, Sequence)
+        or not ops
+        or not all(isinstance(op, str) and op for op in ops)
+    ):
+        raise ValueError(
+            f"Embargo: ops must be a non-empty sequence of op names such as "
+            f"{EMBARGO_OPS}, got {ops!r}"
+        )
+    unknown = [op for op in ops if op not in KNOWN_OPS and replay_function(op) is None]
+    if unknown:
+        raise ValueError(
+            f"Embargo: unknown op {unknown[0]!r} in ops (no structural event has it, so it "
+            f"would never embargo anything); known ops: {', '.join(KNOWN_OPS)}"
+        )
+    return tuple(ops)
 
 
 def _names(value: object) -> list[str]:
@@ -97,19 +127,9 @@ class Embargo(Callback):
         check_model(model)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"Embargo: steps must be an int >= 0, got {steps!r}")
-        if (
-            isinstance(ops, str)
-            or not isinstance(ops, Sequence)
-            or not ops
-            or not all(isinstance(op, str) and op for op in ops)
-        ):
-            raise ValueError(
-                f"Embargo: ops must be a non-empty sequence of op names such as "
-                f"{EMBARGO_OPS}, got {ops!r}"
-            )
+        self.ops = _check_ops(ops)
         self.model = model
         self.steps = steps
-        self.ops = tuple(ops)
         self.until: dict[str, int] = {}
         """Place -> first step at which growth there is allowed again."""
         engine_state(model).add_listener(self._on_event)

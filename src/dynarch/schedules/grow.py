@@ -16,8 +16,8 @@ from torch import nn
 from ..callbacks import Callback, _monitored, training_done
 from ..events import Event
 from ..remap import out_units
-from ..triggers import CreditEconomy, Trigger, check_state, make_trigger
-from .actions import Action, as_action
+from ..triggers import AnyOf, CreditEconomy, Trigger, check_state, make_trigger
+from .actions import Action, as_action, prices_layers
 from .embargo import Embargo
 
 if TYPE_CHECKING:
@@ -37,6 +37,46 @@ def _check_budget(owner: str, budget: object, *, economy: bool = False) -> None:
             f"{owner}: budget must have a method can_grow(model, n_params) -> bool "
             f"(e.g. dynarch.triggers.Budget){also}, got {type(budget).__name__}"
         )
+    if _counts_flops(budget) and not callable(getattr(budget, "positions", None)):
+        raise TypeError(
+            f"{owner}: a budget with max_flops must have a method positions(model) -> "
+            "{layer: positions} to price growth in multiply-adds (e.g. dynarch.triggers.Budget), "
+            f"got {type(budget).__name__}"
+        )
+
+
+def _counts_flops(budget: object) -> bool:
+    """Whether ``budget`` limits multiply-adds (a ``max_flops`` that is not None)."""
+    return budget is not None and getattr(budget, "max_flops", None) is not None
+
+
+def _counts_dense(budget: object) -> bool:
+    """Whether ``budget`` counts masked-off weights too (``count_masked=True``)."""
+    return budget is not None and getattr(budget, "count_masked", False) is True
+
+
+def _price(action: Action, model: nn.Module, target: str, budget: Any) -> tuple[int, int]:
+    """``(parameters, multiply-adds)`` the change at ``target`` adds, as ``budget`` counts
+    them: :meth:`Action.cost`, or from :meth:`Action.weights_added` when the budget counts
+    FLOPs (each added weight times the positions its layer is applied at, from
+    ``budget.positions(model)``) or masked-off weights (``count_masked=True``)."""
+    flops, dense = _counts_flops(budget), _counts_dense(budget)
+    if not (flops or dense):
+        return action.cost(model, target), 0
+    weights, others = action.weights_added(model, target, dense=dense)
+    params = sum(weights.values()) + others if dense else action.cost(model, target)
+    if not flops:
+        return params, 0
+    positions = budget.positions(model)
+    return params, sum(positions.get(name, 0) * n for name, n in weights.items())
+
+
+def _fits(budget: Any, model: nn.Module, params: int, flops: int) -> bool:
+    """``budget.can_grow`` for ``params`` more parameters (and ``flops`` more multiply-adds
+    when it counts them)."""
+    if _counts_flops(budget):
+        return bool(budget.can_grow(model, params, flops=flops))
+    return bool(budget.can_grow(model, params))
 
 
 def economies_in(*sources: object) -> list[CreditEconomy]:
@@ -96,6 +136,20 @@ def _check_planned(
             "names its targets and cost (a dynarch.schedules.Action such as 'widen'); a plain "
             "function cannot be checked"
         )
+    kinds = [
+        kind
+        for kind, used in (
+            ("a FLOP budget (max_flops)", _counts_flops(budget)),
+            ("a dense budget (count_masked=True)", _counts_dense(budget)),
+        )
+        if used
+    ]
+    if kinds and not prices_layers(action):
+        raise ValueError(
+            f"{owner}: {' and '.join(kinds)} needs an action that says which layers it grows "
+            f"(Action.weights_added, as 'widen' and 'patches' do); {type(action).__name__} "
+            "only prices parameters"
+        )
 
 
 def _check_fit(owner: str, trainer: Trainer, action: Action, embargo: Embargo | None) -> None:
@@ -124,7 +178,11 @@ def grow_once(
 
     Targets are considered in the action's order: an embargoed one (any place it touches
     blocked at ``trainer.step``) is skipped, then each remaining one is kept only if
-    ``budget.can_grow(model, cost so far + its cost)`` and every economy (``economies``, and
+    ``budget.can_grow(model, cost so far + its cost)`` (a budget with ``max_flops`` also gets
+    ``flops=`` the multiply-adds so far plus its own: each weight the action adds to a layer,
+    :meth:`~Action.weights_added`, times the positions ``budget.positions(model)`` says the
+    layer is applied at, exact for widen; a ``count_masked=True`` budget is charged every new
+    weight position, active or not) and every economy (``economies``, and
     ``budget`` itself when it is a :class:`~dynarch.triggers.CreditEconomy`) can afford the
     connections and units so far plus its :meth:`~Action.adds`. After the action each
     economy is charged the *actual* growth, measured on the model (active Linear/Conv2d
@@ -164,17 +222,18 @@ def grow_once(
     sequential = bool(getattr(action, "sequential", False))
     chosen: list[str] = []
     events: list[Event] = []
-    total = connections = units = 0  # priced, not yet applied (batch actions)
+    total = total_flops = connections = units = 0  # priced, not yet applied (batch actions)
     grown_c = grown_u = 0  # applied this round (sequential actions)
     for target in action.targets(model, hint):
         places = action.places(model, target)
         if embargo is not None and not all(embargo.allowed(p) for p in places):  # engine step
             record["embargoed"].append(target)
             continue
-        cost = action.cost(model, target)
-        if budget is not None and not budget.can_grow(model, total + cost):
-            record["over_budget"].append(target)
-            continue
+        if budget is not None:
+            cost, flops = _price(action, model, target, budget)
+            if not _fits(budget, model, total + cost, total_flops + flops):
+                record["over_budget"].append(target)
+                continue
         if economies:
             c, u = action.adds(model, target)
             c, u = c + connections + grown_c, u + units + grown_u
@@ -183,7 +242,8 @@ def grow_once(
                 continue
         chosen.append(target)
         if not sequential:
-            total += cost
+            if budget is not None:
+                total, total_flops = total + cost, total_flops + flops
             if economies:
                 connections, units = c - grown_c, u - grown_u
             continue
@@ -220,9 +280,21 @@ def _trigger(spec: object) -> Trigger:
     )
 
 
-def _trigger_label(trigger: Trigger) -> str:
-    """A trigger's registered name, else its class name in lower case."""
-    return trigger.name or type(trigger).__name__.lower()
+def _trigger_label(trigger: Trigger, fired: bool = False) -> str:
+    """A trigger's registered name, else its class name in lower case; with ``fired``, an
+    ``any_of`` names in brackets the children whose last answer was True (``any_of[every]``,
+    nested ones alike), so the reason says which one caused the growth.
+
+    Example:
+        >>> from dynarch.triggers import Every, Plateau, any_of
+        >>> either = any_of(Plateau(patience=5), Every(1))
+        >>> either.update(1.0), _trigger_label(either), _trigger_label(either, fired=True)
+        (True, 'any_of', 'any_of[every]')
+    """
+    label = trigger.name or type(trigger).__name__.lower()
+    if fired and isinstance(trigger, AnyOf) and (children := trigger.fired()):
+        label += "[" + ", ".join(_trigger_label(c, fired=True) for c in children) + "]"
+    return label
 
 
 class GrowAsNeeded(Callback):
@@ -232,7 +304,9 @@ class GrowAsNeeded(Callback):
     cooldown is running and fewer than ``max_growths`` growths happened, :meth:`grow` runs
     ``action`` (see :func:`grow_once`: embargoed targets and targets over ``budget`` are
     skipped). If it changed anything, the trigger is reset and a cooldown of ``cooldown``
-    **evaluations** starts, during which the trigger is neither fed nor consulted. If nothing
+    **evaluations** starts, during which the trigger is neither fed nor consulted (what it
+    observed on its own meanwhile, e.g. a ``GradientVarianceSpike``'s spikes, is dropped at
+    each of those evaluations: :meth:`~dynarch.triggers.Trigger.discard_pending`). If nothing
     could be grown (all embargoed, over budget, nothing to do) the trigger is not reset, so
     growth is retried at the next evaluation. Every attempt is logged in :attr:`attempts`.
 
@@ -241,7 +315,8 @@ class GrowAsNeeded(Callback):
     mapping ``{"name": "widen", ...}``, or a function ``fn(trainer)`` / ``fn(trainer,
     reason=...)`` returning an Event, a list of Events or None (no budget/embargo then).
     Events carry the reason :attr:`reason`, e.g. ``"plateau(val_loss)"`` (prefixed by
-    ``tag + ":"`` when ``tag`` is set). When the trigger has a ``where()`` method, its
+    ``tag + ":"`` when ``tag`` is set; an ``any_of`` names the children that fired, as in
+    ``"any_of[every](val_loss)"``). When the trigger has a ``where()`` method, its
     answer is passed to the action as a hint (``WidenAction(layers=None)`` grows there).
 
     **Credits.** A :class:`~dynarch.triggers.CreditEconomy` among the triggers (also inside
@@ -318,8 +393,12 @@ class GrowAsNeeded(Callback):
 
     @property
     def reason(self) -> str:
-        """The reason given to growth events, e.g. ``"plateau(val_loss)"``."""
-        base = f"{_trigger_label(self.trigger)}({self.monitor})"
+        """The reason given to growth events, e.g. ``"plateau(val_loss)"`` (an ``any_of``
+        trigger's growth names the children that fired: ``"any_of[every](val_loss)"``)."""
+        return self._reason()
+
+    def _reason(self, fired: bool = False) -> str:
+        base = f"{_trigger_label(self.trigger, fired)}({self.monitor})"
         return f"{self.tag}:{base}" if self.tag else base
 
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -338,6 +417,7 @@ class GrowAsNeeded(Callback):
             return
         if self.cooldown_left > 0:
             self.cooldown_left -= 1
+            self.trigger.discard_pending()  # what it observed meanwhile is not answered for
             return
         if self.trigger.update(value) and not training_done(trainer):
             self.grow(trainer)  # never after the last step: nothing would train the growth
@@ -348,7 +428,8 @@ class GrowAsNeeded(Callback):
         hint = where() if callable(where) else None
         budget = None if isinstance(self.budget, CreditEconomy) else self.budget
         events, record = grow_once(
-            trainer, self.action, self.reason, budget=budget, embargo=self.embargo, hint=hint,
+            trainer, self.action, self._reason(fired=True), budget=budget, embargo=self.embargo,
+            hint=hint,
             economies=self.economies,
         )  # fmt: skip
         self.attempts.append(record)

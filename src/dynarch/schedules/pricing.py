@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..graph import ModelGraph, analyse, resolve
 from ..remap import out_units
 
-__all__ = ["widen_cost"]
+__all__ = ["widen_cost", "widen_plan"]
 
 _LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -77,6 +77,31 @@ def _widen_counts(
     init: str = "net2net",
 ) -> tuple[int, int]:
     """:func:`widen_cost` split into ``(Linear/Conv2d weights, biases and norm entries)``."""
+    weights, others = widen_plan(model, target, width, graph, init)
+    return sum(weights.values()), others
+
+
+def widen_plan(
+    model: nn.Module,
+    target: str,
+    width: int,
+    graph: ModelGraph | None = None,
+    init: str = "net2net",
+    *,
+    dense: bool = False,
+) -> tuple[dict[str, int], int]:
+    """What widening ``target`` to ``width`` adds, per layer: ``({Linear/Conv2d name: weights
+    added}, biases and norm entries added)``. Weights count as in :func:`widen_cost` (a masked
+    layer: its active new weights), or with ``dense`` every new weight position, active or
+    not (the currency of ``Budget(count_masked=True)``). A layer's multiply-adds grow by its
+    added weights times the positions it is applied at (widening changes no spatial size),
+    which is how a FLOP budget prices a widening exactly.
+
+    Example:
+        >>> from dynarch.models import mlp
+        >>> widen_plan(mlp(8, [16], 3), "fc1", 18)  # fc1: 2 rows of 8; out: 2 columns of 3
+        ({'fc1': 16, 'out': 6}, 2)
+    """
     resolve(model, target, _LAYERS)
     graph = analyse(model) if graph is None else graph
     group = graph.group(target)
@@ -92,7 +117,8 @@ def _widen_counts(
         roles.setdefault(name, set()).add("out")
     for name, flat in group.consumers:
         roles.setdefault(name, set()).add("flat" if flat else "in")
-    weights = others = 0
+    weights: dict[str, int] = {}
+    others = 0
     for name, role in roles.items():
         layer = graph.modules[name]
         assert isinstance(layer, nn.Linear | nn.Conv2d)
@@ -103,9 +129,9 @@ def _widen_counts(
         cols = shape[1] + (extra * block if role & {"in", "flat"} else 0)
         added = (rows * cols - shape[0] * shape[1]) * per
         mask = layer._buffers.get("weight_mask")
-        if mask is not None:  # only the new rows/columns' active entries count
+        if mask is not None and not dense:  # only the new rows/columns' active entries count
             added = _masked_added(mask, role, extra, block, init)
-        weights += added
+        weights[name] = added
         if layer.bias is not None and "out" in role:
             others += extra
     for name in group.norms:

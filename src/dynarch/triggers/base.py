@@ -48,6 +48,13 @@ class Trigger:
         """Forget everything seen so far (called after the triggered change is made)."""
         raise NotImplementedError
 
+    def discard_pending(self) -> None:
+        """Drop what was observed since the last :meth:`update` without answering for it
+        (a schedule calls it for an evaluation it ignores, such as one in a cooldown).
+        Nothing to drop for a trigger fed only by :meth:`update` (the default); one that
+        observes between updates (e.g. ``GradientVarianceSpike``) forgets its pending
+        observations."""
+
     def state_dict(self) -> dict[str, Any]:
         """Plain-data state, loadable with ``torch.load(weights_only=True)``."""
         raise NotImplementedError

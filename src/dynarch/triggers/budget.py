@@ -192,6 +192,25 @@ class Budget(Trigger):
         self._positions = (*key, positions)
         return positions
 
+    def positions(self, model: nn.Module | None = None) -> dict[str, int]:
+        """``{layer: positions}``: how many times each Linear/Conv2d of ``model`` is applied
+        for one sample (``H_out * W_out`` for a Conv2d, summed over calls), found as in
+        :meth:`flops`; one more active weight in ``layer`` costs ``positions[layer]``
+        multiply-adds (a layer the forward pass does not reach is absent: it costs none).
+
+        Example:
+            >>> model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 1))
+            >>> Budget(max_flops=10**6, input_shape=(1, 4, 4)).positions(model)
+            {'0': 4, '2': 1}
+        """
+        model = self._model(model, "positions")
+        if self.input_shape is None:
+            raise ValueError(
+                "Budget.positions needs input_shape (the shape of one sample without the batch "
+                "dimension, e.g. (784,)); pass it to Budget(...)"
+            )
+        return dict(self._layer_positions(model))
+
     def flops(self, model: nn.Module | None = None) -> int:
         """Multiply-adds of ``model``'s Linear/Conv2d layers for one sample (see the class doc).
 

@@ -24,15 +24,28 @@ def _build(owner: str, spec: object, i: int) -> Trigger:
     )
 
 
+def _tree(triggers: list[Trigger], prefix: str = "") -> list[tuple[str, Trigger]]:
+    """Every trigger under ``triggers`` with its path (``triggers[1].triggers[0]``), nested
+    composites included, depth first."""
+    found: list[tuple[str, Trigger]] = []
+    for i, trigger in enumerate(triggers):
+        path = f"{prefix}triggers[{i}]"
+        found.append((path, trigger))
+        if isinstance(trigger, Composite):
+            found += _tree(trigger.triggers, path + ".")
+    return found
+
+
 class Composite(Trigger):
     """Several triggers asked together; :class:`AllOf` and :class:`AnyOf` say how to combine.
 
     ``update(value)`` feeds ``value`` to every child, always all of them (no short-circuit,
-    so every child's state stays consistent), keeps their answers in :attr:`last` and
-    combines them; :meth:`where` joins the places named by the children that fired.
-    ``reset``, ``state_dict`` and ``load_state_dict`` delegate to the children. Children are
-    Trigger objects or config mappings such as
-    ``{"name": "plateau", "patience": 3}`` (built with :func:`make_trigger`).
+    so every child's state stays consistent; a trigger object may appear only once in the
+    whole tree, nested composites included, or it would be updated twice), keeps their
+    answers in :attr:`last` and combines them; :meth:`where` joins the places named by the
+    children that fired. ``reset``, ``discard_pending``, ``state_dict`` and
+    ``load_state_dict`` delegate to the children. Children are Trigger objects or config
+    mappings such as ``{"name": "plateau", "patience": 3}`` (built with :func:`make_trigger`).
 
     Example:
         >>> from dynarch.triggers.plateau import Plateau
@@ -50,13 +63,13 @@ class Composite(Trigger):
         if not triggers:
             raise ValueError(f"{owner} needs at least one trigger, got none")
         self.triggers = [_build(owner, spec, i) for i, spec in enumerate(triggers)]
-        seen: dict[int, int] = {}
-        for i, trigger in enumerate(self.triggers):
-            first = seen.setdefault(id(trigger), i)
-            if first != i:
+        seen: dict[int, str] = {}
+        for path, trigger in _tree(self.triggers):
+            first = seen.setdefault(id(trigger), path)
+            if first != path:
                 raise ValueError(
-                    f"{owner}: triggers[{i}] is the same object as triggers[{first}] (it would "
-                    "be updated twice per update); pass distinct trigger objects"
+                    f"{owner}: {path} is the same object as {first} (it would be updated "
+                    "twice per update); pass distinct trigger objects"
                 )
         self.last = [False] * len(self.triggers)
 
@@ -92,6 +105,11 @@ class Composite(Trigger):
             if callable(where):
                 places.extend(p for p in where() if p not in places)
         return places
+
+    def discard_pending(self) -> None:
+        """Every child drops what it observed since its last update."""
+        for trigger in self.triggers:
+            trigger.discard_pending()
 
     def reset(self) -> None:
         """Reset every child."""

@@ -200,6 +200,21 @@ class GradientVarianceSpike(Trigger):
         self._pending = {}
         return bool(self._spikes)
 
+    def discard_pending(self) -> None:
+        """Forget the spikes observed since the previous :meth:`update` (the running
+        statistics keep them), so the next :meth:`update` answers only for later observations.
+
+        Example:
+            >>> layer = nn.Linear(2, 1, bias=False)
+            >>> spike = GradientVarianceSpike(layer, warmup=1, momentum=None)
+            >>> for g in ([1.0, -1.0], [1.0, -1.0], [5.0, -5.0]):
+            ...     layer.weight.grad = torch.tensor([g])
+            ...     _ = spike.observe()
+            >>> spike.discard_pending(); spike.update()
+            False
+        """
+        self._pending = {}
+
     def where(self) -> list[str]:
         """The layers that spiked, as answered by the last :meth:`update`, largest ``z`` first."""
         return list(self._spikes)
