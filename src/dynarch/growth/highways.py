@@ -16,13 +16,22 @@ event per layer:
    ``L``'s post-activation output to ``P_span``'s output, whose only active connections are
    the columns ``D`` (``len(D) × width(P_span)`` weights), bypassing ``P1 … P_{span-1}``.
 
-The function is unchanged on every input where the dead units output exactly 0 (for ReLU-like
-activations: every input where they were inactive, so every observed sample): their old
-outgoing weights only ever multiplied zeros, their new outputs meet zero columns, and the
-highway starts at zero. ``span`` must be at least 2 (``span=1`` would route them back to
-``P1``). Pass ``optimizer`` so the highway's mask is enforced and its weight trains. A layer
-whose units a LayerNorm normalises together is refused: re-pointing some of them would change
-the LayerNorm's mean and variance, hence every unit's output.
+A BatchNorm between ``L`` and its activation is reset for the units ``D`` too (weight 1,
+bias 0, running mean 0, running variance 1, optimizer state 0): its per-unit shift or scale
+is often what killed them, and left alone it would keep them dead.
+
+The function is unchanged on every input where the dead units output exactly 0 (every input
+where they were inactive, so every observed sample): their old outgoing weights only ever
+multiplied zeros, their new outputs meet zero columns, and the highway starts at zero. Hence
+the activation after ``L`` (through BatchNorms) must output exactly 0 for an inactive unit:
+``ReLU``, ``ReLU6``, ``Hardtanh(min_val=0)``, ``LeakyReLU(0)`` or a functional ``relu``. Any
+other activation (LeakyReLU, GELU, SiLU, ELU, Tanh, ...; or none) is refused, as is a norm
+between the activation and ``P1`` (it turns a dead unit's 0 into a constant): zeroing the
+outgoing weights of units that output non-zero values would change the function. ``span``
+must be at least 2 (``span=1`` would route them back to ``P1``). Pass ``optimizer`` so the
+highway's mask is enforced and its weight trains. A layer whose units a LayerNorm normalises
+together is refused: re-pointing some of them would change the LayerNorm's mean and variance,
+hence every unit's output.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -44,13 +53,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
 
 from .._engine import engine_state, transaction
 from .._validate import check_int, check_optimizer
 from ..activity import Extrema, carrier, post_activation
 from ..events import Event
-from ..graph import ModelGraph, UnsupportedModelError, analyse
+from ..graph import NORMS, ModelGraph, UnsupportedModelError, analyse
 from ..masks import MASK
 from ..remap import out_units
 from ..sparse._ops import fan_in_bound, state_tensors
@@ -167,18 +177,21 @@ def highways(
                 f"'{path[0]}' reads the {width} units of '{name}' as {cols} inputs (flattened); "
                 "a highway needs a layer reading them one column each"
             )
+        bns = _zero_when_dead(graph, name)
         source = post_activation(graph, name)
         readers = _skip_readers(model, graph, name, source)
-        plans[name] = (path, source, plan_skip(model, source, path[-1], graph), readers)
+        plans[name] = (path, source, plan_skip(model, source, path[-1], graph), readers, bns)
     gen = engine_state(model).generator
     events = []
     for name, units in dead.items():
-        path, source, (kind, n_in, n_out), readers = plans[name]
+        path, source, (kind, n_in, n_out), readers, bns = plans[name]
         layer, first = get_layer(model, name), get_layer(model, path[0])
         mask = torch.zeros(n_out, n_in, *((1, 1) if kind == "Conv2d" else ()), dtype=torch.bool)
         mask[:, units] = True
         with transaction(model, "highway", name, reason=reason) as tx:
             _repoint(layer, units, optimizer, gen)
+            for bn in bns:
+                _reset_norm(model.get_submodule(bn), units, optimizer)
             _reroute(first, units, optimizer)
             for reader in readers:  # earlier skips reading these units: their columns too
                 _reroute(reader, units, optimizer)
@@ -192,6 +205,84 @@ def highways(
         assert tx.event is not None
         events.append(tx.event)
     return events
+
+
+#: Activations whose output is exactly 0 wherever the unit is inactive (output <= 0).
+_ZERO_FUNCS: set[Any] = {F.relu, torch.relu, torch.relu_, F.relu6}
+_ZERO_METHODS = {"relu", "relu_"}
+_BEFORE_ACT = (nn.Dropout, nn.Identity)  # map x <= 0 to x' <= 0 and 0 to 0
+
+
+def _zero_act(mod: nn.Module) -> bool:
+    if isinstance(mod, nn.ReLU):
+        return True
+    if isinstance(mod, nn.Hardtanh):  # ReLU6 too
+        return float(mod.min_val) == 0.0
+    return isinstance(mod, nn.LeakyReLU) and float(mod.negative_slope) == 0.0
+
+
+def _zero_when_dead(graph: ModelGraph, name: str) -> list[str]:
+    """The BatchNorms between ``name`` and its activation, after checking that a dead unit of
+    ``name`` outputs exactly 0 (a zero-when-inactive activation follows it, through norms,
+    dropout and identities, and no norm of its units follows that activation)."""
+    fix = (
+        "highways need ReLU, ReLU6, Hardtanh(min_val=0) or a functional relu right after the "
+        "layer (through BatchNorms); for other activations grow with clone_units or add_patches"
+    )
+    calls = graph.calls.get(name, [])
+    if len(calls) != 1:
+        raise UnsupportedModelError(
+            f"cannot route the dead units of '{name}' into a highway: it is called "
+            f"{len(calls)} times in forward; highways need a layer called once"
+        )
+    node: fx.Node = calls[0]
+    norms: list[str] = []
+    found = "nothing"
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        target = str(user.target)
+        mod = graph.modules.get(target) if user.op == "call_module" else None
+        if isinstance(mod, (*NORMS, *_BEFORE_ACT)):
+            norms += [target] if isinstance(mod, NORMS) else []
+            node = user
+            continue
+        if (
+            (mod is not None and _zero_act(mod))
+            or (user.op == "call_function" and user.target in _ZERO_FUNCS)
+            or (user.op == "call_method" and user.target in _ZERO_METHODS)
+        ):
+            after = [n for n in graph.group(name).norms if n not in norms]
+            if after:
+                raise UnsupportedModelError(
+                    f"cannot route the dead units of '{name}' into a highway: norm '{after[0]}' "
+                    "normalises its units after the activation, turning a dead unit's 0 into a "
+                    f"non-zero value, so zeroing their outgoing weights would change the "
+                    f"function; {fix}"
+                )
+            bn = (nn.BatchNorm1d, nn.BatchNorm2d)
+            return [n for n in norms if isinstance(graph.modules[n], bn)]
+        found = f"'{target}' ({mod!r})" if mod is not None else f"'{user.name}' ({user.op})"
+        break
+    else:
+        if len(node.users) > 1:
+            found = f"{len(node.users)} uses of its output"
+    raise UnsupportedModelError(
+        f"cannot route the dead units of '{name}' into a highway: it is followed by {found}, "
+        "whose output for a dead unit (positive on fewer than eps of the samples) is not "
+        f"exactly 0, so zeroing their outgoing weights would change the function; {fix}"
+    )
+
+
+def _reset_norm(norm: nn.Module, units: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    """BatchNorm defaults for channels ``units``: weight 1, bias 0, running mean 0, var 1."""
+    assert isinstance(norm, nn.BatchNorm1d | nn.BatchNorm2d)
+    with torch.no_grad():
+        for t, value in ((norm.weight, 1.0), (norm.bias, 0.0), (norm.running_mean, 0.0),
+                         (norm.running_var, 1.0)):  # fmt: skip
+            if t is not None:
+                t.index_fill_(0, units.to(t.device), value)
+                if isinstance(t, nn.Parameter):
+                    _reset(t, optimizer, units.to(t.device), 0)
 
 
 def _skip_readers(

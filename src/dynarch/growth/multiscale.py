@@ -19,7 +19,12 @@ previous one:
   network then equals the small one with its first layer pruned to those features.
 
 Models are MLPs over images (``Flatten`` first, then ``Linear`` layers and parameter-free
-modules such as activations and dropout).
+modules such as activations and dropout). The network initialised (the larger one) must be
+dense: its weights are written as whole rows and blocks, which a mask of its own would
+contradict, so a masked one is refused (:class:`MultiScale` checks every scale's network before
+any training). The smaller network may be masked: its masked weights are zero and are copied
+as zeros, so the larger network equals it as a dense network; sparsify it afterwards if wanted
+(that changes its function).
 
     >>> import torch
     >>> from dynarch.models import mlp
@@ -112,6 +117,22 @@ def _linears(model: nn.Module, role: str) -> list[tuple[str, nn.Linear]]:
     return layers
 
 
+_DENSE_FIX = (
+    "build that network dense (the smaller network's masked weights are copied as zeros) and "
+    "sparsify it after initialisation if wanted"
+)
+
+
+def _check_dense(large: nn.Module, role: str = "large", fix: str = _DENSE_FIX) -> None:
+    masked = [n for n, m in large.named_modules() if m._buffers.get(MASK) is not None]
+    if masked:
+        raise ValueError(
+            f"the {role} model is masked ('{masked[0]}' has a {MASK}): multi-scale "
+            "initialisation writes whole rows and blocks of its weights, which its mask would "
+            f"forbid; {fix}"
+        )
+
+
 def _factor(small_shape: Sequence[int], large_shape: Sequence[int]) -> tuple[int, int, int]:
     if len(small_shape) != 3 or len(large_shape) != 3 or small_shape[0] != large_shape[0]:
         raise ValueError(
@@ -139,7 +160,7 @@ def hierarchical_init(
 
     Both are MLPs with the same number of Linear layers; each large layer is at least as wide
     as the small one and the output widths are equal. Masked weights of ``small`` are zero and
-    copied as zeros.
+    copied as zeros; ``large`` must be dense (a masked one is refused, unchanged).
 
     Example:
         >>> from dynarch.models import mlp
@@ -166,6 +187,7 @@ def hierarchical_init(
             )
     if pairs[-1][1][1].out_features != pairs[-1][0][1].out_features:
         raise ValueError("small and large models must have the same number of outputs")
+    _check_dense(large)
     with torch.no_grad():
         for i, ((_, ls), (_, ll)) in enumerate(pairs):
             h = ls.out_features
@@ -343,11 +365,19 @@ class MultiScale:
             raise ValueError(f"the largest scale {self.scales[-1]} must divide the images' {side}")
         result = MultiScaleResult(nn.Identity())
         prev: nn.Module | None = None
+        models = [self._build(scale) for scale in self.scales]  # (deterministic per scale)
+        if len(self.scales) > 1 and self.init != "none":  # unsupported models fail up front
+            _linears(models[0], "small")
+            for scale, model in zip(self.scales[1:], models[1:], strict=True):
+                _check_dense(
+                    model,
+                    f"scale-{scale}",
+                    "let build() return dense networks for every scale after the first (only "
+                    "the first may be masked), or use init='none'",
+                )
         for i, scale in enumerate(self.scales):
             t0 = time.perf_counter()
-            model = self._build(scale)
-            if prev is None and len(self.scales) > 1 and self.init != "none":
-                _linears(model, "small")  # an unsupported model fails before any training
+            model = models[i]
             init = "none" if prev is None else self.init
             shapes = ((channels, self.scales[i - 1], self.scales[i - 1]), (channels, scale, scale))
             if prev is not None and init == "hierarchical":

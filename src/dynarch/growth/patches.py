@@ -129,11 +129,14 @@ def _units_of(model: nn.Module, units: Any) -> dict[str, Tensor]:
             f"units must be {{layer name: unit indices}} or an Extrema, got {type(units).__name__}"
         )
     chosen = {n: t for n, t in chosen.items() if t.numel()}
-    if not chosen:
+    if not chosen and isinstance(units, Extrema):
         raise ValueError(
-            "no units to patch (an Extrema found no dead or saturated unit: observe data "
+            "no units to patch (the Extrema found no dead or saturated unit: observe data "
             "first, or lower its thresholds)"
         )
+    if not chosen:
+        given = f"every layer given ({sorted(units)}) has no units" if units else "no layer given"
+        raise ValueError(f"no units to patch: {given}; name at least one unit of a layer")
     for name in chosen:
         _masked(model.get_submodule(name), name)
     return chosen

@@ -8,6 +8,11 @@ the seeds exceeds the random baseline — the larger of the majority-class share
 labels and ``1 / num_classes`` — by ``margin``. The winner is the learning configuration with
 the fewest active weights (ties: higher mean accuracy, then the order given).
 
+A configuration whose density is too low for its network (some layer would keep no weight,
+see :func:`dynarch.budgets.layer_budgets`) is not trained: it is found before any training
+and reported as a row marked ``feasible=False`` (``why`` names the minimal density that
+works); only when no configuration is feasible is the search refused.
+
 Runs are independent and seeded (weights from ``torch.manual_seed(seed)``, trainer and
 engine seeded with ``seed``), so the results do not depend on ``jobs``. ``jobs > 1`` runs them
 in a :class:`concurrent.futures.ProcessPoolExecutor` with the ``spawn`` start method, each
@@ -38,7 +43,7 @@ from torch import Tensor
 
 from .. import rng
 from .._validate import check_int
-from ..budgets import DISTRIBUTIONS, check_choice
+from ..budgets import DISTRIBUTIONS, check_choice, layer_budgets
 
 __all__ = ["SeedSearch", "find_seed"]
 
@@ -86,15 +91,18 @@ class SeedSearch:
 
     ``runs``: one dict per (hidden, density, seed) run in job order; ``rows``: one per
     configuration (``hidden``, ``density``, ``weights``, ``params``, ``mean_accuracy``,
-    ``min_accuracy``, ``seeds``, ``learns``), fewest weights first (ties: higher mean
-    accuracy); ``baseline``: the random baseline; ``threshold``: baseline + margin;
-    ``winner``: the first learning row, or ``None``.
+    ``min_accuracy``, ``seeds``, ``learns``, ``feasible``, ``why``), fewest weights first
+    (ties: higher mean accuracy), then the ``infeasible`` configurations (``{"hidden",
+    "density", "why"}``, not trained: ``weights``, ``params`` and the accuracies ``None``,
+    ``seeds`` 0, ``learns`` False) in the order given; ``baseline``: the random baseline;
+    ``threshold``: baseline + margin; ``winner``: the first learning row, or ``None``.
     """
 
     runs: list[dict[str, Any]]
     baseline: float
     threshold: float
     rows: list[dict[str, Any]] = field(default_factory=list)
+    infeasible: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         groups: dict[tuple[tuple[int, ...], float], list[dict[str, Any]]] = {}
@@ -107,10 +115,17 @@ class SeedSearch:
             rows.append({
                 "hidden": hidden, "density": density, "weights": runs[0]["weights"],
                 "params": runs[0]["params"], "mean_accuracy": mean, "min_accuracy": min(accs),
-                "seeds": len(runs), "learns": mean > self.threshold, "_order": i,
+                "seeds": len(runs), "learns": mean > self.threshold, "feasible": True,
+                "why": "", "_order": i,
             })  # fmt: skip
         rows.sort(key=lambda r: (r["weights"], -r["mean_accuracy"], r["_order"]))
         self.rows = [{k: v for k, v in r.items() if k != "_order"} for r in rows]
+        self.rows += [
+            {"hidden": tuple(c["hidden"]), "density": c["density"], "weights": None,
+             "params": None, "mean_accuracy": None, "min_accuracy": None, "seeds": 0,
+             "learns": False, "feasible": False, "why": c["why"]}
+            for c in self.infeasible
+        ]  # fmt: skip
 
     @property
     def winner(self) -> dict[str, Any] | None:
@@ -132,6 +147,10 @@ class SeedSearch:
         lines = [head, "|---" * 8 + "|"]
         win = self.winner
         for r in self.rows:
+            if not r["feasible"]:
+                lines.append(f"| {list(r['hidden'])} | {r['density']:g} | - | - | - | - | 0 | "
+                             "infeasible |")  # fmt: skip
+                continue
             learns = ("yes" if r["learns"] else "no") + (" *" if r is win else "")
             lines.append(
                 f"| {list(r['hidden'])} | {r['density']:g} | {r['weights']} | {r['params']} | "
@@ -164,6 +183,22 @@ def _data(data: object) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], i
     return train, test, classes
 
 
+def _infeasible(
+    hidden: tuple[int, ...], density: float, sizes: tuple[int, int], distribution: str
+) -> str:
+    """Why ``hidden`` at ``density`` cannot be sparsified ('' when it can)."""
+    if density >= 1.0:
+        return ""
+    widths = [sizes[0], *hidden, sizes[1]]
+    names = [f"fc{i}" for i in range(1, len(hidden) + 1)] + ["out"]  # as dynarch.models.mlp
+    shapes = {n: (b, a) for n, a, b in zip(names, widths[:-1], widths[1:], strict=True)}
+    try:
+        layer_budgets(shapes, density, distribution)
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
 def find_seed(
     data: object,
     *,
@@ -180,7 +215,9 @@ def find_seed(
     """Search sparse MLP seeds for the smallest that learns above the random baseline.
 
     See the module docstring. ``hidden_options``: hidden widths per candidate (``()`` is a
-    single sparse ``in → classes`` layer); ``densities`` in ``(0, 1]`` (1: dense).
+    single sparse ``in → classes`` layer); ``densities`` in ``(0, 1]`` (1: dense). A
+    configuration too sparse for its network is reported as an infeasible row, untrained; if
+    every configuration is, a ``ValueError`` names the first and the minimal density.
 
     Example:
         >>> import torch
@@ -219,7 +256,17 @@ def find_seed(
         "batch_size": check_int("batch_size", batch_size, 1), "distribution": distribution,
         "in_features": int(train[0][0].numel()),
     }  # fmt: skip
-    jobs_list = [(h, float(d), s) for h in hidden for d in densities for s in seeds]
+    sizes = (int(train[0][0].numel()), classes)
+    configs = [(h, float(d)) for h in hidden for d in densities]
+    why = {c: _infeasible(*c, sizes, distribution) for c in configs}  # before any training
+    infeasible = [{"hidden": h, "density": d, "why": why[h, d]} for h, d in configs if why[h, d]]
+    if len(infeasible) == len(configs):
+        raise ValueError(
+            "no configuration can be sparsified to its density (e.g. hidden "
+            f"{list(configs[0][0])} at density {configs[0][1]:g}: {why[configs[0]]}); give "
+            "higher densities"
+        )
+    jobs_list = [(h, d, s) for h, d in configs if not why[h, d] for s in seeds]
     if jobs == 1:
         state, threads = rng.capture_rng(), torch.get_num_threads()
         try:
@@ -236,4 +283,6 @@ def find_seed(
             runs = list(pool.map(_run, jobs_list))
     counts = torch.bincount(test[1], minlength=classes)
     baseline = max(float(counts.max()) / test[1].numel(), 1.0 / classes)
-    return SeedSearch(runs, baseline=baseline, threshold=baseline + float(margin))
+    return SeedSearch(
+        runs, baseline=baseline, threshold=baseline + float(margin), infeasible=infeasible
+    )

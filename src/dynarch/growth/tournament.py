@@ -71,11 +71,25 @@ def _pair(data: object, role: str) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _labels(y: Tensor, role: str) -> None:
+def _labels(data: tuple[Tensor, Tensor], role: str) -> tuple[Tensor, Tensor]:
+    """``data`` with its labels as int64 (any integer dtype is accepted and converted)."""
+    x, y = data
     if y.dim() != 1 or y.dtype.is_floating_point or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(
             f"{role}: y must be a 1-D tensor of integer class indices (mutual information is "
             f"measured against class labels), got dtype {y.dtype} and shape {tuple(y.shape)}"
+        )
+    return x, y.long()
+
+
+def _inputs(model: nn.Module, data: tuple[Tensor, Tensor], role: str) -> None:
+    """Refuse floating inputs of another dtype than the model's floating parameters."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    x = data[0]
+    if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+        raise ValueError(
+            f"{role}: x has dtype {x.dtype} but the model's parameters are {dtype}; convert one "
+            f"of them (e.g. x.to({dtype})), otherwise every candidate fails to run"
         )
 
 
@@ -90,9 +104,11 @@ class Tournament:
     """Propose growth candidates for ``model``, score them by ΔMI/ΔParams, apply the best.
 
     ``data=(x, y)`` is the held-out batch. Without ``probe_data`` its first half trains the
-    trial copies and its second half measures MI. ``layers`` restricts the layers candidates
-    grow from (default: every Linear/Conv2d but the last, in module order); a skip goes from
-    such a layer to every Linear/Conv2d at least two places later. ``widen_units`` defaults
+    trial copies and its second half measures MI. Labels ``y`` are integer class indices
+    (converted to int64); floating inputs ``x`` must have the dtype of the model's parameters.
+    ``layers`` restricts the layers candidates grow from (default: every Linear/Conv2d but
+    the last, in module order); a skip goes from such a layer to every Linear/Conv2d at least
+    two places later. ``widen_units`` defaults
     to a quarter of the layer's width; ``extrema`` holds keyword arguments for
     :class:`dynarch.activity.Extrema`, which finds a patch's units (at most ``patch_units``;
     default ``{"quantile": 0.9}``: the 10% most active units, then dead ones — zero-initialised
@@ -150,9 +166,10 @@ class Tournament:
                 raise ValueError(f"data needs at least 4 samples to split, got {x.shape[0]}")
             half = x.shape[0] // 2
             probe_data, data = (x[:half], y[:half]), (x[half:], y[half:])
-        self.held_out, self.probe_data = _pair(data, "data"), _pair(probe_data, "probe_data")
-        _labels(y, "data")
-        _labels(self.probe_data[1], "probe_data")
+        self.held_out = _labels(_pair(data, "data"), "data")
+        self.probe_data = _labels(_pair(probe_data, "probe_data"), "probe_data")
+        _inputs(self.model, self.held_out, "data")
+        _inputs(self.model, self.probe_data, "probe_data")
         for arg, value, low in (("probe_steps", probe_steps, 0), ("patch_units", patch_units, 1),
                                 ("bins", bins, 2)):  # fmt: skip
             check_int(arg, value, low)
@@ -204,7 +221,9 @@ class Tournament:
 
     def propose(self) -> list[Candidate]:
         """The candidates for the model's current structure, each measured on a trial copy
-        (``params``, ``connections``, ``units``); failing or empty ones go to ``rejected``.
+        (``params``, ``connections``, ``units``); failing or empty ones go to ``rejected``,
+        but when every candidate (two or more) fails with the same error, that error is raised
+        (as a ``RuntimeError`` naming it): it is a misuse, not a candidate's limit.
         Fixes the round's probe seed (drawn from the engine generator when ``seed`` is None)."""
         self._to_model_device()
         if self.seed is not None:
@@ -230,12 +249,15 @@ class Tournament:
                 for to in names[names.index(name) + 2 :] if name in names else []:
                     out.append(Candidate("skip", src, {"to": to, "density": self.skip_density}))
         self.rejected, kept, before = [], [], active_params(self.model)
+        errors: dict[str, Exception] = {}
         for c in out:
             try:
                 net, c.units = self._trial(c)
                 self._runs(net)
             except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError) as exc:
-                self.rejected.append((c.name, f"{type(exc).__name__}: {exc}"))
+                why = f"{type(exc).__name__}: {exc}"
+                self.rejected.append((c.name, why))
+                errors.setdefault(why, exc)
                 continue
             after = active_params(net)
             c.params, c.connections = after[0] - before[0], after[1] - before[1]
@@ -243,6 +265,12 @@ class Tournament:
                 self.rejected.append((c.name, "adds no active parameters"))
             else:
                 kept.append(c)
+        if len(out) > 1 and len(errors) == 1 and len(self.rejected) == len(out):
+            (why, cause), names = next(iter(errors.items())), [c.name for c in out]
+            raise RuntimeError(
+                f"every tournament candidate ({', '.join(names)}) failed with the same error, "
+                f"so the model or the data is at fault, not a candidate: {why}"
+            ) from cause
         return kept
 
     def _to_model_device(self) -> None:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -18,14 +19,41 @@ from ..masks import MASK, check_held, check_layers, zero_masked
 from ..masks import select_layers as masks_select_layers
 from ..select import topk_mask
 
-__all__ = ["SCOPES", "named_layers", "prune_by_score", "select_layers"]
+__all__ = ["SCOPES", "as_number", "named_layers", "prune_by_score", "select_layers"]
 
 SCOPES = ("layer", "global")
 LAYER_TYPES = (nn.Linear, nn.Conv2d)
 
 
+def as_number(value: object) -> object:
+    """A real scalar as a Python ``int``/``float``, anything else unchanged (refused later).
+
+    Integers (``numbers.Integral``: ``int``, NumPy integers) become ``int``, other reals
+    (``numbers.Real``: NumPy floats of any width) ``float``, a 0-d real tensor its ``.item()``.
+    Booleans (Python, NumPy or tensor) are returned as they are so that callers refuse them.
+
+    Example:
+        >>> import numpy as np
+        >>> as_number(np.float32(0.5)), as_number(np.int64(3)), as_number(torch.tensor(0.25))
+        (0.5, 3, 0.25)
+    """
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            return value
+        value = value.item()
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
 def check_sparsity(value: object, name: str = "sparsity") -> float:
-    """``value`` as a float in [0, 1), or a clear error."""
+    """``value`` (a real number: int, float, NumPy scalar or 0-d tensor) as a float in [0, 1),
+    or a clear error."""
+    given, value = value, as_number(value)
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
@@ -33,7 +61,7 @@ def check_sparsity(value: object, name: str = "sparsity") -> float:
         or not 0 <= value < 1
     ):
         raise ValueError(
-            f"{name} must be a number in [0, 1) (the fraction of weights pruned), got {value!r}"
+            f"{name} must be a number in [0, 1) (the fraction of weights pruned), got {given!r}"
         )
     return float(value)
 

@@ -139,10 +139,24 @@ class GradientImportance(Callback):
         """
         layers = self._layers()
         missing = [n for n in layers if n not in self._scores]
-        if missing:
+        if missing and self.steps == 0:
             raise ValueError(
                 f"no gradient importance accumulated for layers {missing}; call accumulate() "
                 "after backward (or pass this callback to the Trainer) before pruning"
+            )
+        if missing:
+            frozen = [n for n in missing if not layers[n].weight.requires_grad]
+            why = (
+                "their weights do not require grad (frozen)"
+                if frozen == missing
+                else "their weights never had a .grad (frozen: "
+                f"{frozen or 'none'}; the others unused in forward, or their grads cleared "
+                "before accumulate())"
+            )
+            raise ValueError(
+                f"no gradient importance accumulated for layers {missing} in {self.steps} "
+                f"accumulated steps: {why}; leave them out with "
+                f"GradientImportance(..., exclude={missing!r}) or unfreeze them"
             )
         scores = {n: self._scores[n] for n in layers}
         stale = [n for n, layer in layers.items() if scores[n].shape != layer.weight.shape]

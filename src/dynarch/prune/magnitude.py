@@ -24,7 +24,7 @@ from ..events import Event
 from ..graph import analyse, resolve
 from ..select import topk_mask
 from ..surgery import shrink
-from ._core import LAYER_TYPES, prune_by_score, select_layers
+from ._core import LAYER_TYPES, as_number, prune_by_score, select_layers
 
 __all__ = ["magnitude_prune", "structured_prune", "unit_norms"]
 
@@ -72,6 +72,7 @@ def magnitude_prune(
 
 
 def _check_norm(norm: object) -> float:
+    norm = as_number(norm)
     if (
         isinstance(norm, bool)
         or not isinstance(norm, int | float)
@@ -109,10 +110,11 @@ def unit_norms(model: nn.Module, target: str, norm: float = 2) -> Tensor:
 
 
 def _count(amount: object, width: int, target: str) -> int:
+    given, amount = amount, as_number(amount)
     if isinstance(amount, bool) or not isinstance(amount, int | float):
         raise ValueError(
             f"amount must be an int (units to remove) or a float in [0, 1) (fraction of "
-            f"units), got {amount!r}"
+            f"units), got {given!r}"
         )
     if isinstance(amount, float):
         if not 0 <= amount < 1:
@@ -123,7 +125,13 @@ def _count(amount: object, width: int, target: str) -> int:
     if not 0 <= count < width:
         raise ValueError(
             f"cannot remove {count} of the {width} units of {target!r}: amount must leave at "
-            f"least one unit (0 <= amount <= {width - 1})"
+            f"least one unit (1 <= amount <= {width - 1})"
+        )
+    if count == 0:
+        rounded = f" (round({amount!r} * {width}) = 0)" if isinstance(amount, float) else ""
+        raise ValueError(
+            f"amount {given!r} removes no unit of the {width} units of {target!r}{rounded}; "
+            "give at least 1 unit (or a fraction of at least one unit)"
         )
     return count
 
@@ -143,8 +151,11 @@ def structured_prune(
     Units are ranked by :func:`unit_norms` (the ``norm`` of their incoming weights, over
     every coupled layer) or by ``scores`` (one value per unit, higher = keep); ties are
     broken by the engine generator. ``amount`` is a count (int) or a fraction of the units
-    (float in [0, 1), rounded). Removal goes through :func:`dynarch.shrink`, so consumers,
-    BatchNorms, coupled residual layers, masks and ``optimizer`` state all follow.
+    (float in [0, 1), rounded); NumPy scalars and 0-d tensors are accepted. An amount that
+    removes no unit (0, or a fraction rounding to 0) is refused (no event: the result is
+    always the ``shrink`` event of a real removal). Removal goes through
+    :func:`dynarch.shrink`, so consumers, BatchNorms, coupled residual layers, masks and
+    ``optimizer`` state all follow.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))

@@ -26,7 +26,7 @@ from ..callbacks import Callback
 from ..events import Event
 from ..masks import check_held
 from ..triggers import check_state
-from ._core import SCOPES, check_choice, check_sparsity, select_layers
+from ._core import SCOPES, as_number, check_choice, check_sparsity, select_layers
 from .magnitude import magnitude_prune
 
 if TYPE_CHECKING:
@@ -54,6 +54,9 @@ def scheduled_sparsity(
 
     ``"cubic"`` is Zhu & Gupta's ``s_t = s_f + (s_i - s_f) * (1 - (t - start) / (end - start))³``:
     fast pruning first, slow near the end; ``"linear"`` replaces the cube by the first power.
+    ``0 <= initial <= final < 1`` (pruning never un-prunes), ``0 <= start < end`` and
+    ``step >= 0`` (integers; NumPy scalars and 0-d tensors are accepted); anything else is
+    refused.
 
     Example:
         >>> round(scheduled_sparsity(5, initial=0.0, final=0.8, start=0, end=10), 6)
@@ -62,6 +65,15 @@ def scheduled_sparsity(
         0.4
     """
     check_choice("schedule", schedule, SCHEDULES)
+    step = check_int("step", as_number(step), 0)
+    start = check_int("start", as_number(start), 0)
+    end = check_int("end", as_number(end), start + 1)
+    initial = check_sparsity(initial, "initial")
+    final = check_sparsity(final, "final")
+    if initial > final:
+        raise ValueError(
+            f"initial {initial!r} must not exceed final {final!r} (pruning never un-prunes)"
+        )
     if step <= start:
         return float(initial)
     if step >= end:
@@ -201,13 +213,14 @@ class GradualMagnitudePruning(Callback):
 
 
 def _check_frac(name: str, value: object) -> float:
+    given, value = value, as_number(value)
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
         or not 0 <= value <= 1
     ):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        raise ValueError(f"{name} must be a number in [0, 1], got {given!r}")
     return float(value)
 
 
