@@ -31,7 +31,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .triggers import Plateau, check_mode, check_state
 
@@ -349,12 +349,17 @@ class GrowOnPlateau(Callback):
 
 
 class CosineLR(Callback):
-    """Per-step cosine decay of every param group's learning rate from its value when
-    training starts to ``floor`` × that value at the last step (``trainer.total_steps``).
+    """Per-step cosine decay of every param group's learning rate from its base rate when
+    training starts to ``floor`` × that rate at the last step (``trainer.total_steps``).
 
-    The base rates are taken at the first fit start and saved in :meth:`state_dict`, so a
-    resumed run continues the same curve. Parameters that join a group later (growth) follow
-    that group's rate.
+    Each group keeps its base rate in ``group["lr_base"]`` (set from its ``lr`` the first
+    time the schedule sees the group, unless already there) and the schedule's multiplier in
+    ``group["lr_schedule"]``; its rate is ``lr_base * lr_schedule``. So groups that appear
+    later (a :class:`~dynarch.lr.LRPlan` regrouping after growth) follow the schedule, and a
+    plan, which sets ``lr_base`` from its factors, composes with it in either callback order.
+    The base rates of the first fit start are saved in :meth:`state_dict`: a resumed run on a
+    fresh optimizer with the same groups continues the same curve (an optimizer rebuilt from
+    a checkpoint carries ``lr_base`` in its groups).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -366,6 +371,8 @@ class CosineLR(Callback):
         ...             progress=False).fit()
         >>> round(opt.param_groups[0]["lr"], 6)  # step 4 of 4: the end of the curve
         0.0
+        >>> opt.param_groups[0]["lr_base"]
+        1.0
     """
 
     def __init__(self, floor: float = 0.0) -> None:
@@ -373,23 +380,39 @@ class CosineLR(Callback):
             raise ValueError(f"CosineLR floor must be a number in [0, 1], got {floor!r}")
         self.floor = float(floor)
         self.base: list[float] | None = None
+        self._total = 0
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        if self.base is None:
-            self.base = [float(g["lr"]) for g in trainer.optimizer.param_groups]
-        if len(self.base) != len(trainer.optimizer.param_groups):
-            raise ValueError(
-                f"CosineLR was started with {len(self.base)} param groups, the optimizer has "
-                f"{len(trainer.optimizer.param_groups)}; use a fresh CosineLR"
-            )
+        groups = trainer.optimizer.param_groups
+        if self.base is not None and any("lr_base" not in g for g in groups):
+            # resumed on an optimizer without the base rates: the saved ones, group by group
+            if len(self.base) != len(groups):
+                raise ValueError(
+                    f"CosineLR was started with {len(self.base)} param groups, the optimizer "
+                    f"has {len(groups)}; use a fresh CosineLR"
+                )
+            for group, base in zip(groups, self.base, strict=True):
+                group.setdefault("lr_base", base)
         self._total = trainer.total_steps
+        self._apply(trainer)
+        if self.base is None:
+            self.base = [float(g["lr_base"]) for g in groups]
 
     def on_step_end(self, trainer: Trainer) -> None:
-        assert self.base is not None
+        self._apply(trainer)
+
+    def _apply(self, trainer: Trainer) -> None:
         t = min(trainer.step, self._total) / max(self._total, 1)
         scale = self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * t))
-        for group, base in zip(trainer.optimizer.param_groups, self.base, strict=True):
-            group["lr"] = base * scale
+        for group in trainer.optimizer.param_groups:
+            if "lr_base" not in group:  # a group seen for the first time: its rate now
+                group["lr_base"] = float(group["lr"])
+            group["lr_schedule"] = scale
+            lr = group["lr_base"] * scale
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base}

@@ -212,7 +212,10 @@ class Strategy:
     Override :meth:`factor` (or :meth:`factors` to compute all units at once) and, for a
     distinct factor on patch connections, :meth:`patch_factor`. Set ``dynamic = True`` when
     the factor depends on the step (it is then re-evaluated before every optimizer step),
-    ``needs_grads = True`` when it reads gradients. Stateful strategies override
+    ``needs_grads = True`` when it reads gradients, ``weights_only = True`` when the factor
+    applies to the unit's parameters of two or more dimensions only (its bias and norm
+    parameters keep factor 1 from this strategy: :class:`~dynarch.lr.LRPlan` then gives them
+    a param group of their own). Stateful strategies override
     :meth:`state_dict`/:meth:`load_state_dict` (plain data).
 
     Example:
@@ -226,6 +229,7 @@ class Strategy:
     name: ClassVar[str] = ""
     dynamic: ClassVar[bool] = False
     needs_grads: ClassVar[bool] = False
+    weights_only: ClassVar[bool] = False
 
     def factor(self, unit: Unit, ctx: LRContext) -> float:
         """The factor of ``unit``'s learning rate."""

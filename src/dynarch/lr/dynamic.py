@@ -12,8 +12,9 @@ name                  factor
 ``age``               ``decay ** (age/period)`` (``floor(age/period)`` with ``staircase``)
 ``warmup``            ``min(1, (age+1)/steps)`` for created units (all units if ``initial``):
                       the k-th update after creation uses ``k/steps``; else 1
-``lars``              ``trust * ||w|| / (||g|| + eps)`` over a layer's ≥2-D parameters; 1 when
-                      either norm is 0, without gradients, and for units without such a weight
+``lars``              ``trust * ||w|| / (||g|| + eps)`` over a layer's ≥2-D parameters, applied
+                      to those only (bias, norm parameters: 1); 1 when either norm is 0,
+                      without gradients, and for units without such a weight
 ``freeze``            ``frozen`` once ``step >= start + (depth+1)*every`` and
                       ``age >= every`` (never the last depth with ``keep_last``); stays frozen
 ``sedimentary``       ``active`` (age ``< active_age``), ``sediment`` (``< geological_age``),
@@ -86,9 +87,11 @@ class Warmup(Strategy):
 class LARS(Strategy):
     """Layer-wise adaptive rate scaling: ``trust * ||w|| / (||g|| + eps)`` per layer.
 
-    The norms run over the unit's parameters of two or more dimensions (the bias and norm
-    parameters are not adapted: factor 1), all layers at once (``torch._foreach_norm``,
-    one host sync). Weight decay is not part of the ratio.
+    The norms run over the unit's parameters of two or more dimensions, all layers at once
+    (``torch._foreach_norm``, one host sync); only those parameters are adapted: the bias
+    and norm parameters keep factor 1 (``weights_only``: the plan gives them their own param
+    group). Weight decay is not part of the ratio. With ``optimizer.step(closure)`` the ratio
+    is taken after the closure's backward, from the gradients of that step.
 
     Example:
         >>> LARS(trust=0.001)
@@ -97,6 +100,7 @@ class LARS(Strategy):
 
     dynamic = True
     needs_grads = True
+    weights_only = True
 
     def __init__(self, trust: float = 0.001, eps: float = 1e-8) -> None:
         self.trust = check_factor("lars", "trust", trust, positive=True)

@@ -2,9 +2,14 @@
 
 Grouping: **one param group per unit** (a module that directly owns parameters), in module
 order, named after the module (``"fc1"``, ``"act1_slot"``, ``"act1_slot.module"``; the
-model's own parameters: ``"<root>"``). Each group holds ``"name"``, ``"lr_factor"`` (the
-combined factor) and ``"lr" = base_lr * lr_factor``. Combination: the factors of all
-strategies are **multiplied**, per unit; so are their patch factors.
+model's own parameters: ``"<root>"``). With a ``weights_only`` strategy (LARS) a unit's
+parameters of two or more dimensions and its others (bias, norm parameters) get a group
+each, both named after the unit. Each group holds ``"name"``, ``"lr_factor"`` (the combined
+factor), ``"lr_base" = base_lr * lr_factor`` and ``"lr" = lr_base * lr_schedule``, where
+``"lr_schedule"`` (1 when absent) is the multiplier a schedule such as
+:class:`dynarch.callbacks.CosineLR` keeps in the group: the plan and the schedule compose, in
+either callback order. Combination: the factors of all strategies are **multiplied**, per
+unit; so are their patch factors.
 
 Patch connections (the ``weight_patch`` buffer) cannot have their own group: the learning
 rate belongs to a whole parameter tensor. The plan therefore scales the *update* at patch
@@ -20,12 +25,15 @@ every structural event it regroups (the engine's optimizer transplant has alread
 parameters into a neighbour's group and carried the state of changed ones; regrouping moves
 parameters between groups, so ``optimizer.state[p]`` is untouched) and re-assigns every
 group's learning rate. Time- or gradient-dependent strategies (``dynamic``) are re-evaluated
-in the optimizer's pre-step hook, so any training loop works. The step is the engine step,
-which :class:`~dynarch.train.Trainer` keeps current (set ``engine_state(model).step``
-yourself in a custom loop).
+in the optimizer's pre-step hook (with ``optimizer.step(closure)``: after the closure has
+computed the gradients), so any training loop works. The step is the engine step, which
+:class:`~dynarch.train.Trainer` keeps current (set ``engine_state(model).step`` yourself in
+a custom loop).
 
-The plan owns the groups' learning rates: do not combine it with a ``torch.optim``
-LR scheduler (change :meth:`LRPlan.set_base_lr` or add a step-dependent strategy instead).
+The plan owns the groups' learning rates: a ``torch.optim.lr_scheduler`` on the same
+optimizer is refused (its rates would be reset at the next structural event or dynamic
+factor); use :class:`dynarch.callbacks.CosineLR`, :meth:`LRPlan.set_base_lr` or a
+step-dependent strategy instead.
 To resume from a checkpoint, build the optimizer from the saved groups
 (:meth:`dynarch.checkpoint.Checkpoint.param_groups`), load its state
 (:meth:`~dynarch.checkpoint.Checkpoint.load_optimizer`), then attach a plan built on the
@@ -37,7 +45,7 @@ model gives the same groups only when the optimizer held exactly its trainable p
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,6 +62,19 @@ if TYPE_CHECKING:
     from ..train import Trainer
 
 __all__ = ["LRPlan"]
+
+
+def _check_no_scheduler(optimizer: torch.optim.Optimizer) -> None:
+    # every torch.optim.lr_scheduler.LRScheduler wraps optimizer.step to count its calls
+    if getattr(optimizer.step, "_wrapped_by_lr_sched", False):
+        raise ValueError(
+            "LRPlan cannot share its optimizer with a torch.optim.lr_scheduler (one was created "
+            "on it): the plan sets every group's learning rate at structural events and for "
+            "dynamic strategies, which would undo the scheduler's decay. Use "
+            "dynarch.callbacks.CosineLR (it composes with the plan), plan.set_base_lr or a "
+            "step-dependent strategy ('age', 'warmup') instead, or leave the rates to the "
+            "scheduler alone (plan.detach())"
+        )
 
 
 def _check_lr(value: object) -> float:
@@ -93,6 +114,9 @@ class LRPlan(Callback):
                 f"strategies must be a list of strategies, names or dicts, got {strategies!r}"
             )
         self.strategies = [as_strategy(s, i) for i, s in enumerate(strategies)]
+        # a weights-only strategy (LARS): a unit's >=2-D parameters and its others get a
+        # group each, the others without that strategy's factor
+        self._split = any(s.weights_only for s in self.strategies)
         self.optimizer: torch.optim.Optimizer | None = None
         self._structure: tuple[int, LRContext] | None = None
         self._grouped = -1  # structure version the optimizer's groups were built for
@@ -118,40 +142,53 @@ class LRPlan(Callback):
         base = self._structure[1]
         return LRContext(self.model, st.step, base.units, base.history, base.layers, base.cache)
 
-    def _evaluate(self) -> tuple[LRContext, dict[str, float], dict[str, float]]:
+    def _evaluate(
+        self,
+    ) -> tuple[LRContext, dict[str, float], dict[str, float], dict[str, float]]:
+        """Context and, per unit, the factor of its >=2-D parameters, of its others (without
+        the weights-only strategies) and of its patch connections."""
         ctx = self.context()
         if "static" not in ctx.cache:
             ctx.cache["static"] = self._product(ctx, [s for s in self.strategies if not s.dynamic])
-        static_f, static_p = ctx.cache["static"]
-        dyn_f, dyn_p = self._product(ctx, [s for s in self.strategies if s.dynamic])
+        static_f, static_o, static_p = ctx.cache["static"]
+        dyn_f, dyn_o, dyn_p = self._product(ctx, [s for s in self.strategies if s.dynamic])
         f = {n: v * dyn_f[n] for n, v in static_f.items()}
+        o = {n: v * dyn_o[n] for n, v in static_o.items()}
         p = {n: v * dyn_p[n] for n, v in static_p.items()}
-        return ctx, f, p
+        return ctx, f, o, p
 
     @staticmethod
     def _product(
         ctx: LRContext, strategies: list[Strategy]
-    ) -> tuple[dict[str, float], dict[str, float]]:
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
         f = {u.name: 1.0 for u in ctx.units}
+        o = dict(f)
         p = {u.name: 1.0 for u in ctx.units if u.patch is not None}
         for strategy in strategies:
             values = strategy.factors(ctx)
             for u in ctx.units:
                 value = values[u.name]
                 f[u.name] *= value
+                if not strategy.weights_only:
+                    o[u.name] *= value
                 if u.patch is not None:
                     p[u.name] *= strategy.patch_factor(u, ctx, value)
-        return f, p
+        return f, o, p
+
+    def _is_other(self, params: Sequence[Tensor]) -> bool:
+        """Whether a (split) group holds a unit's bias/norm parameters, not its weights."""
+        return self._split and bool(params) and params[0].dim() < 2
 
     def factors(self) -> dict[str, float]:
-        """The combined factor of every unit now, by group name.
+        """The combined factor of every unit now, by group name (with a ``weights_only``
+        strategy such as LARS: the factor of its parameters of two or more dimensions).
 
         Example:
             >>> from dynarch.models import mlp
             >>> LRPlan(mlp(4, [8], 2), 0.1, ["cascade"]).factors()
             {'fc1': 0.1, 'out': 1.0}
         """
-        ctx, f, _ = self._evaluate()
+        ctx, f, _, _ = self._evaluate()
         return {u.group: f[u.name] for u in ctx.units}
 
     def patch_factors(self) -> dict[str, float]:
@@ -162,11 +199,12 @@ class LRPlan(Callback):
             >>> LRPlan(mlp(4, [8], 2), 0.1, ["dual"]).patch_factors()  # nothing patched
             {}
         """
-        ctx, _, p = self._evaluate()
+        ctx, _, _, p = self._evaluate()
         return {u.group: p[u.name] for u in ctx.units if u.patch is not None}
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Param groups for a fresh optimizer: one per unit with trainable parameters.
+        """Param groups for a fresh optimizer: one per unit with trainable parameters (two
+        with a ``weights_only`` strategy: its >=2-D parameters, then its others).
 
         Example:
             >>> from dynarch.models import mlp
@@ -174,16 +212,20 @@ class LRPlan(Callback):
             >>> [(g["name"], g["lr"], len(g["params"])) for g in groups]
             [('fc1', 0.010000000000000002, 2), ('out', 0.1, 2)]
         """
-        ctx, f, _ = self._evaluate()
+        ctx, f, o, _ = self._evaluate()
         groups = []
         for u in ctx.units:
             params = [p for p in u.params if p.requires_grad]
-            if params:
-                factor = f[u.name]
-                groups.append(
-                    {"params": params, "lr": self.base_lr * factor, "name": u.group,
-                     "lr_factor": factor}
-                )  # fmt: skip
+            parts = [params]
+            if self._split:
+                parts = [[p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]]
+            for part in parts:
+                if part:
+                    factor = (o if self._is_other(part) else f)[u.name]
+                    groups.append(
+                        {"params": part, "lr": self.base_lr * factor, "name": u.group,
+                         "lr_factor": factor}
+                    )  # fmt: skip
         return groups
 
     # ------------------------------------------------------------------ the optimizer
@@ -207,6 +249,7 @@ class LRPlan(Callback):
             [('fc1', 0.9), ('out', 0.9)]
         """
         check_optimizer(optimizer)
+        _check_no_scheduler(optimizer)
         if self.optimizer is optimizer:
             self.update()
             return self
@@ -239,7 +282,8 @@ class LRPlan(Callback):
         self._grouped = -1
 
     def update(self) -> None:
-        """Regroup after a structural change and set every group's learning rate now.
+        """Regroup after a structural change and set every group's learning rate now
+        (``lr_base * lr_schedule``, see :mod:`dynarch.lr.plan`).
 
         Example:
             >>> import torch
@@ -256,18 +300,21 @@ class LRPlan(Callback):
             raise RuntimeError(
                 "LRPlan.update needs an optimizer: call plan.attach(optimizer) first"
             )
+        _check_no_scheduler(optimizer)
         if engine_state(self.model).version != self._grouped:
             self._regroup(optimizer)
-        ctx, f, p = self._evaluate()
+        ctx, f, o, p = self._evaluate()
         by_group = {u.group: u.name for u in ctx.units}
         for group in optimizer.param_groups:
-            factor = f[by_group[group["name"]]]
-            lr = self.base_lr * factor
+            factor = (o if self._is_other(group["params"]) else f)[by_group[group["name"]]]
+            base = self.base_lr * factor
+            lr = base * float(group.get("lr_schedule", 1.0))
             if isinstance(group["lr"], Tensor):
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
             group["lr_factor"] = factor
+            group["lr_base"] = base
         held = {id(q) for g in optimizer.param_groups for q in g["params"]}
         self._scales = []
         for u in ctx.units:
@@ -305,11 +352,13 @@ class LRPlan(Callback):
         groups = []
         for u in self.context().units:
             # one group per (unit, source group): a unit whose parameters sat in groups with
-            # different settings (e.g. no weight decay on biases) keeps each one's settings
-            split: dict[int, list[Tensor]] = {}
+            # different settings (e.g. no weight decay on biases) keeps each one's settings;
+            # with a weights-only strategy, per (unit, source group, >=2-D or not)
+            split: dict[tuple[int, bool], list[Tensor]] = {}
             for q in u.params:
                 if id(q) in owner:
-                    split.setdefault(id(owner[id(q)]), []).append(q)
+                    key = (id(owner[id(q)]), self._split and q.dim() < 2)
+                    split.setdefault(key, []).append(q)
             for params in split.values():
                 src = owner[id(params[0])]
                 group = {k: v for k, v in src.items() if k != "params"}
@@ -335,10 +384,32 @@ class LRPlan(Callback):
             self.update()
 
     def _on_event(self, event: Event) -> None:
-        if self.optimizer is not None:
+        optimizer = self.optimizer
+        # with a torch scheduler, leave the rates alone: the next step refuses (_pre)
+        if optimizer is not None and not getattr(optimizer.step, "_wrapped_by_lr_sched", False):
             self.update()
 
-    def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+        _check_no_scheduler(optimizer)
+        # args[0] is the optimizer itself; step(closure) computes the gradients inside
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._prepare()
+            return None
+        if engine_state(self.model).version != self._grouped:
+            self.update()  # regroup before the step even if the closure is never called
+
+        def closure_then_prepare() -> Any:
+            loss = closure()
+            self._prepare()  # this step's gradients (LARS) are there now, the update is not
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_prepare}
+        return (args[0], closure_then_prepare, *args[2:]), kwargs
+
+    def _prepare(self) -> None:
+        """Set the rates for the coming update and snapshot the patched weights."""
         if self.dynamic or engine_state(self.model).version != self._grouped:
             self.update()
         if self._scales:
