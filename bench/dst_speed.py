@@ -20,7 +20,11 @@ on zeros on the CPU, see ``sqrt``; fused Adam is not), ``update_amortised = upda
 (delta_t * sparse)`` (target <= 1%); medians over repeats. Writes
 ``bench/results/dst_speed.json``.
 
-    python bench/dst_speed.py [--repeats 15] [--block 10] [--threads N] [--out ...]
+On ``--device cuda`` the clocks read after ``torch.cuda.synchronize()``, so each timed block
+counts all the device work it queued (and nothing of the block before it).
+
+    python bench/dst_speed.py [--repeats 15] [--block 10] [--threads N] [--device cuda]
+        [--out ...]
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from core import mlp  # the same 784-1000-1000-1000-10 MLP as bench/core.py
 from dynarch.data import load
 from dynarch.masks import get_enforcer
 from dynarch.sparse import make_rewirer
+from dynarch.train import resolve_device
 
 DELTA_T = 100
 BATCH = 128
@@ -61,7 +66,12 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=10, help="steps per timed block")
     parser.add_argument("--out", default="bench/results/dst_speed.json")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args()
+    device = resolve_device(args.device)
+    global clock
+    if device.type == "cuda":
+        clock = _synchronized(device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     data = load("fashion-mnist", progress=False)
@@ -70,11 +80,13 @@ def main() -> None:
     batches = []
     for _ in range(n_batches):
         idx = torch.randint(0, len(data.train_y), (BATCH,), generator=gen)
-        batches.append((data.train_x[idx], data.train_y[idx]))
+        batches.append((data.train_x[idx].to(device), data.train_y[idx].to(device)))
     results = []
     for opt_name, make_opt in OPTIMIZERS.items():
         for algo in ("set", "rigl"):
-            results.append(bench(algo, opt_name, make_opt, batches, args.repeats, args.block))
+            results.append(
+                bench(algo, opt_name, make_opt, batches, args.repeats, args.block, device)
+            )
             r = results[-1]
             print(
                 f"{algo:5s} {opt_name:13s} dense {r['dense_step_ms_median']:6.2f} ms  "
@@ -96,9 +108,10 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "targets": {"step_overhead_max": 0.05, "update_amortised_max": 0.01},
         "results": results,
-        "sqrt": sqrt_of_zeros(),
+        "sqrt": sqrt_of_zeros() if device.type == "cpu" else None,
     }
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,9 +126,10 @@ def bench(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     repeats: int,
     block: int,
+    device: torch.device,
 ) -> dict:
     torch.manual_seed(0)
-    dense = mlp()
+    dense = mlp().to(device)
     sparse = copy.deepcopy(dense)
     dense_opt, sparse_opt = make_opt(dense), make_opt(sparse)
     rw = make_rewirer(algo, sparse, sparse_opt, density=0.1, distribution="erk",
@@ -129,27 +143,27 @@ def bench(
         opt.step()
 
     def dense_block() -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(block):
             step(dense, dense_opt)
-        return (time.perf_counter() - t0) / block
+        return (clock() - t0) / block
 
     def sparse_block() -> float:
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(block):
             step(sparse, sparse_opt)
             assert rw.step() is None  # never an update step inside a block
-        return (time.perf_counter() - t0) / block
+        return (clock() - t0) / block
 
     def update_step() -> float:
         """One training step (untimed), then the update as it runs on an update step: the
         capture of the dense gradients (RigL) and ``rewirer.update()``."""
         step(sparse, sparse_opt)
-        t0 = time.perf_counter()
+        t0 = clock()
         if rw.needs_gradients:
             rw.capture()
         event = rw.update()
-        elapsed = time.perf_counter() - t0
+        elapsed = clock() - t0
         assert event.op == "rewire"
         return elapsed
 
@@ -163,12 +177,12 @@ def bench(
         step(sparse, sparse_opt)  # untimed: fresh dense gradients
         rw.step()
         skip_updates()
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(block):
             enforcer._pre(sparse_opt, (), {})
             enforcer._post(sparse_opt, (), {})
             assert rw.step() is None
-        return (time.perf_counter() - t0) / block
+        return (clock() - t0) / block
 
     def skip_updates() -> None:
         """Untimed steps until the next ``block`` steps hold no scheduled update."""
@@ -209,6 +223,17 @@ def bench(
     }
 
 
+clock: Callable[[], float] = time.perf_counter
+
+
+def _synchronized(device: torch.device) -> Callable[[], float]:
+    def now() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return now
+
+
 def sqrt_of_zeros() -> dict:
     """``torch.sqrt`` on 1M zeros vs 1M positive values (Adam's ``exp_avg_sq.sqrt()`` sees
     zeros at every masked position, whatever keeps them zero)."""
@@ -216,9 +241,9 @@ def sqrt_of_zeros() -> dict:
     for name, t in (("zeros", torch.zeros(10**6)), ("positive", torch.rand(10**6) + 0.5)):
         times = []
         for _ in range(21):
-            t0 = time.perf_counter()
+            t0 = clock()
             t.sqrt()
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
         out[f"sqrt_1M_{name}_ms"] = round(1e3 * statistics.median(times), 3)
     return out
 

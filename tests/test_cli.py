@@ -327,3 +327,18 @@ def test_event_rows_pick_the_surrounding_evaluations() -> None:
     row = event_rows([update], metrics)[0]
     assert (row["change"], row["moved"], row["acc_before"]) == ("-3 +3", [3, 3], 0.5)
     assert [r["reason"] for r in rows] == [None, "plateau", "plateau"]
+
+
+def test_version_falls_back_to_the_package_when_not_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.metadata
+
+    import dynarch
+    from dynarch import cli
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(cli, "version", missing)
+    assert cli._version() == dynarch.__version__ == "0.1.0"

@@ -496,7 +496,7 @@ def load(
     st.history = events
     st.step = int(user["step"])
     st.base_spec = arch["base"]
-    st.generator.set_state(user["engine_generator"])
+    st.generator.set_state(user["engine_generator"].cpu())  # map_location moved it
     st.version += 1
     if topology is not None:
         register_topology(net, topology)

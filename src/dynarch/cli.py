@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,17 @@ _overrides = click.option(
 )
 
 
+def _version() -> str:
+    """The installed distribution's version; the package's own when it runs uninstalled
+    (from a source tree on ``PYTHONPATH``)."""
+    try:
+        return version("dynarch")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 _EXTRA = {"allow_extra_args": True}  # extra arguments get a message of ours (_no_extra)
 
 
@@ -204,7 +215,7 @@ _PER_RUN = {"sparsity.density": 1.0}
 
 
 @click.group("dynarch", context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(version("dynarch"), prog_name="dynarch")
+@click.version_option(_version(), prog_name="dynarch")
 def main() -> None:
     """dynarch: neural networks that grow, prune and rewire while they train."""
 

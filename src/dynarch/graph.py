@@ -148,10 +148,25 @@ def resolve(
     return module
 
 
+LEAF = "_dynarch_leaf"  # a class attribute: trace such modules as leaves, like torch.nn's
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return getattr(type(m), LEAF, False) or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(model: nn.Module) -> fx.Graph:
-    """Symbolically trace ``model`` (standard torch.nn layers are leaves)."""
+    """Symbolically trace ``model`` (standard torch.nn layers and dynarch's own layers, such
+    as :class:`~dynarch.sparse.DynamicSparseLinear`, are leaves)."""
+    if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+        raise UnsupportedModelError(
+            f"cannot change a model wrapped in {type(model).__name__}; operate on the wrapped "
+            "model, model.module (its layers are named without the 'module.' prefix), and wrap "
+            "it again afterwards"
+        )
     try:
-        return fx.Tracer().trace(model)
+        return _Tracer().trace(model)
     except Exception as exc:  # fx raises many kinds of errors
         raise UnsupportedModelError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {exc}); "
@@ -204,11 +219,15 @@ def analyse(model: nn.Module) -> ModelGraph:
             name = str(node.target)
             mod = modules[name]
             calls.setdefault(name, []).append(node)
-            if isinstance(mod, nn.Linear | nn.Conv2d):
+            if isinstance(mod, (nn.Linear, nn.Conv2d, *NORMS)):
                 inputs.setdefault(name, []).append(first.space if first is not None else None)
+            if isinstance(mod, nn.Linear | nn.Conv2d):
                 if first is not None:
                     if isinstance(mod, nn.Conv2d) and (first.flat or mod.groups != 1):
                         flag(first, f"'{name}' is a grouped or flattened Conv2d consumer")
+                    elif isinstance(mod, nn.Conv2d) and first.axis != 1:
+                        flag(first, f"Conv2d '{name}' reads axis 1 as its channels, but these "
+                                    "units lie on the last axis (a Linear's output)")  # fmt: skip
                     if (
                         isinstance(mod, nn.Linear)
                         and first.axis == 1
@@ -242,6 +261,10 @@ def analyse(model: nn.Module) -> ModelGraph:
                     norm_dims[name] = 0
                     if first.flat:
                         flag(first, f"BatchNorm '{name}' normalises flattened channels")
+                    elif first.axis != 1:
+                        why = _batchnorm_axis(name, mod, first, modules[producers[first.space][0]])
+                        if why:
+                            flag(first, why)
                 refs[node] = first
             elif isinstance(mod, PASS_MODULES) and first is not None:
                 if isinstance(mod, nn.PReLU) and mod.num_parameters != 1:
@@ -271,7 +294,7 @@ def analyse(model: nn.Module) -> ModelGraph:
                     "(resizing it would change the output shape)",
                 )
 
-    for name, spaces in inputs.items():  # a layer reused on inputs of different spaces
+    for name, spaces in inputs.items():  # a layer or norm reused on different spaces
         origins = {uf.find(s) if s is not None else -1 for s in spaces}
         if len(origins) > 1:
             why = f"'{name}' is called {len(spaces)} times on inputs of different channel spaces"
@@ -304,6 +327,26 @@ def analyse(model: nn.Module) -> ModelGraph:
     index = {r: i for i, r in enumerate(roots)}
     group_of = {name: index[uf.find(space)] for name, space in out_space.items()}
     return ModelGraph(graph, modules, [groups[r] for r in roots], group_of, calls)
+
+
+def _batchnorm_axis(name: str, norm: nn.Module, ref: _Ref, producer: nn.Module) -> str | None:
+    """Why a BatchNorm cannot follow units on the last axis (``ref.axis == -1``), or ``None``.
+
+    A BatchNorm normalises axis 1. That is the last axis only for a 2-D ``(batch, units)``
+    input; for a Linear applied along the last axis of a ``(B, C, L)`` input it is ``C``.
+    When the rank is unknown, a feature count different from the number of units tells.
+    """
+    assert isinstance(norm, nn.BatchNorm1d | nn.BatchNorm2d)
+    units = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    if isinstance(norm, nn.BatchNorm1d) and (
+        ref.rank == 2 or (ref.rank is None and norm.num_features == units)
+    ):
+        return None
+    return (
+        f"{type(norm).__name__} '{name}' ({norm.num_features} features) normalises axis 1 of "
+        f"its input, but these {units} units lie on its last axis (a Linear applied along the "
+        "last axis)"
+    )
 
 
 def _flatten(ref: _Ref, start: int, end: int) -> _Ref | None:

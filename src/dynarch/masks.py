@@ -203,8 +203,12 @@ _UNSUPPORTED = (
 
 
 def _warn_unsupported(model: nn.Module, purpose: str) -> None:
-    found = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
-             if isinstance(m, _UNSUPPORTED)]  # fmt: skip
+    # a weight tied to a Linear's (an embedding sharing its decoder's) is masked with it
+    masked = {id(m.weight) for m in model.modules() if isinstance(m, _LAYER_TYPES)}
+    found = [
+        f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+        if isinstance(m, _UNSUPPORTED) and id(getattr(m, "weight", None)) not in masked
+    ]  # fmt: skip
     said = model.__dict__.setdefault("_dynarch_said_dense", set())
     if found and (purpose, *found) not in said:  # once per model and purpose
         said.add((purpose, *found))
@@ -269,6 +273,21 @@ def check_held(
         )
 
 
+def _check_trained(optimizer: torch.optim.Optimizer, layers: Mapping[str, nn.Module]) -> None:
+    """Refuse layers that train (``requires_grad``) but not by ``optimizer``: its step hook
+    could not keep their masks, and their masked weights would grow back. Frozen layers are
+    fine (their weights do not move)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    other = [n for n, m in layers.items() if m.weight.requires_grad and id(m.weight) not in held]
+    if other:
+        raise ValueError(
+            f"sparsify: layers {other} train, but not by the optimizer given, which could not "
+            "keep their masks (their masked weights would grow back); sparsify them in a call "
+            "with the optimizer that trains them (include=/exclude= choose the layers), or "
+            "build one optimizer from all of model.parameters()"
+        )
+
+
 def _choose(
     weight: Tensor, mask: Tensor | None, k: int, score: str, gen: torch.Generator
 ) -> Tensor:
@@ -315,6 +334,7 @@ def sparsify(
     layers = select_layers(model, include, exclude)
     if optimizer is not None:
         check_held(optimizer, layers, owner="sparsify")
+        _check_trained(optimizer, layers)
     shapes = {n: tuple(_weight(m).shape) for n, m in layers.items()}
     budgets = layer_budgets(shapes, density, distribution)
     gen = engine_state(model).generator

@@ -42,13 +42,14 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    """Restore what :func:`capture_rng` captured."""
-    torch.set_rng_state(state["torch"])
+    """Restore what :func:`capture_rng` captured (from any device: a checkpoint loaded with
+    ``map_location="cuda"`` moves the saved states there; generators take them on the CPU)."""
+    torch.set_rng_state(state["torch"].cpu())
     np_state = state["numpy"]
     np.random.set_state(
         (
             np_state["kind"],
-            np_state["keys"].numpy().astype(np.uint32),
+            np_state["keys"].cpu().numpy().astype(np.uint32),
             np_state["pos"],
             np_state["has_gauss"],
             np_state["gauss"],
@@ -57,7 +58,7 @@ def restore_rng(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def seed_everything(seed: int) -> None:

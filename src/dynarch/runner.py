@@ -118,7 +118,7 @@ def _callbacks(
         train_pair = train_data if eval_data is not None else (data.train_x, data.train_y)
         gen = engine_state(model).generator
         now = gen.get_state()
-        gen.set_state(run["generator"])
+        gen.set_state(run["generator"].cpu())  # a checkpoint loaded on cuda moved it
         try:
             # resumed: a fractional budget stays a fraction of the dense count it started with
             extra = {} if fresh else {"dense_params": run["dense_params"]}

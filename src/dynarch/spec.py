@@ -97,8 +97,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def describe(module: nn.Module) -> dict[str, Any] | None:
-    """JSON spec of a standard-layer tree, or ``None`` if it holds any other module."""
+def describe(
+    module: nn.Module, _seen: dict[int, str] | None = None, _path: str = ""
+) -> dict[str, Any] | None:
+    """JSON spec of a standard-layer tree, or ``None`` if it holds any other module.
+
+    A module a container holds twice (one ``nn.ReLU`` reused, a tied ``nn.Linear``) is
+    described once; its later places are ``{"ref": "<name of the first>"}``, so
+    :func:`build` puts the same instance there again.
+
+    Example:
+        >>> relu = nn.ReLU()
+        >>> describe(nn.Sequential(nn.Linear(2, 2), relu, nn.Linear(2, 2), relu))["children"][3]
+        ['3', {'ref': '1'}]
+    """
+    seen: dict[int, str] = {} if _seen is None else _seen
     cls = type(module)
     if cls in _SIMPLE_ARGS:
         args = {a: _jsonable(getattr(module, a)) for a in _SIMPLE_ARGS[cls]}
@@ -127,9 +140,16 @@ def describe(module: nn.Module) -> dict[str, Any] | None:
             "children": [[str(i), b] for i, b in enumerate(branches)],
         }
     if cls.__name__ in _CONTAINERS and cls is _CONTAINERS[cls.__name__]:
-        children = []
-        for name, child in module.named_children():
-            spec = describe(child)
+        children: list[list[Any]] = []
+        for name, child in module._modules.items():
+            if child is None:
+                return None
+            path = f"{_path}.{name}" if _path else name
+            if id(child) in seen:  # named_children() would skip it
+                children.append([name, {"ref": seen[id(child)]}])
+                continue
+            seen[id(child)] = path
+            spec = describe(child, seen, path)
             if spec is None:
                 return None
             children.append([name, spec])
@@ -155,15 +175,26 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def build(spec: dict[str, Any]) -> nn.Module:
+def build(
+    spec: dict[str, Any], _built: dict[str, nn.Module] | None = None, _path: str = ""
+) -> nn.Module:
     """Rebuild a module from :func:`describe` output (fresh parameters, on the meta device
     is not used: ordinary CPU tensors, to be overwritten by a state dict)."""
+    built: dict[str, nn.Module] = {} if _built is None else _built
     if not isinstance(spec, dict) or "type" not in spec:
         raise ValueError(f"not a module spec: {spec!r:.80}")
     kind = spec["type"]
     args = dict(spec.get("args", {}))
     if kind in _CONTAINERS:
-        children = OrderedDict((name, build(child)) for name, child in spec.get("children", []))
+        children: OrderedDict[str, nn.Module] = OrderedDict()
+        for name, child in spec.get("children", []):
+            path = f"{_path}.{name}" if _path else name
+            if isinstance(child, dict) and "ref" in child:  # the same instance again
+                if child["ref"] not in built:
+                    raise ValueError(f"spec child {path!r} refers to unknown {child['ref']!r}")
+                children[name] = built[child["ref"]]
+                continue
+            children[name] = built[path] = build(child, built, path)
         if kind == "Sequential":
             return nn.Sequential(children)
         if kind == "ModuleList":

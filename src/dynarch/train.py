@@ -100,6 +100,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
+def _detached(out: Any) -> Any:
+    """``out`` (a tensor, or tuples, lists and dicts of them) detached from the graph."""
+    return torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
+
+
 class Trainer:
     """Trains ``model`` with ``optimizer`` on ``train``, calling ``callbacks`` at each hook.
 
@@ -177,7 +182,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.last_loss: Tensor | None = None
         # the last training batch's model output (detached) and targets, for callbacks
-        self.last_output: Tensor | None = None
+        self.last_output: Any = None  # a tensor, or what the model returns (tuple, dict)
         self.last_target: Tensor | None = None
         self.metrics: dict[str, float] = {}
         self.best: dict[str, float] = {}
@@ -186,6 +191,7 @@ class Trainer:
         # count on the engine's clock, which goes on across fits of the same model
         self.step_offset = 0
         self._started = False
+        self._restructured = False  # a structural event since the optimizer was checked
         self._files: dict[str, IO[str]] = {}
         self._bar: tqdm[Any] | None = None
 
@@ -247,6 +253,8 @@ class Trainer:
         return total if self.max_steps is None else min(total, self.max_steps)
 
     def _train_step(self, xb: Tensor, yb: Tensor) -> None:
+        if self._restructured:
+            self._check_structure()
         self.optimizer.zero_grad(set_to_none=True)
         out = self.model(xb)
         loss = self.loss_fn(out, yb)
@@ -257,7 +265,7 @@ class Trainer:
         self.batch_in_epoch += 1
         engine_state(self.model).step = self.step_offset + self.step
         self.last_loss = loss.detach()
-        self.last_output, self.last_target = out.detach(), yb
+        self.last_output, self.last_target = _detached(out), yb
         self._call("on_step_end")
         if self._bar is not None:
             self._bar.update(1)
@@ -278,8 +286,8 @@ class Trainer:
         self._started = True
         self.model.to(self.device)
         self._move_optimizer_state()
-        if is_sparse(self.model):  # e.g. a loaded sparse checkpoint with a new optimizer
-            enforce(self.model, self.optimizer)
+        self._check_structure()
+        engine_state(self.model).add_listener(self._on_structure)
         from .sparse.layer import OWNER, DynamicSparseLinear
 
         for module in self.model.modules():  # their rewires are the model's events
@@ -296,7 +304,33 @@ class Trainer:
             total = self.total_steps
             self._bar = tqdm(total=total, initial=min(self.step, total), dynamic_ncols=True)
 
+    def _on_structure(self, event: Event) -> None:
+        self._restructured = True
+
+    def _check_structure(self) -> None:
+        """Before training, and before the step after any structural event: the optimizer
+        must train the model's current parameters (a change made without ``optimizer=``
+        leaves it stepping replaced tensors: the changed layers would silently stop
+        training), and masks added without ``optimizer=`` are enforced from now on."""
+        self._restructured = False
+        live = {id(p) for p in self.model.parameters()}
+        dead = [
+            tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"]
+            if id(p) not in live
+        ]  # fmt: skip
+        if dead:
+            raise ValueError(
+                f"the optimizer holds {len(dead)} parameter(s) that are no longer in the model "
+                f"(shapes {dead[:4]}): a structural change (widen, shrink, deepen, attach, "
+                "prune, dynarch.load, ...) was made without optimizer=, so the changed layers "
+                "would not train; pass optimizer= (inside a callback: trainer.optimizer) to it, "
+                "or build the optimizer from model.parameters() after the change"
+            )
+        if is_sparse(self.model):  # e.g. a loaded sparse checkpoint with a new optimizer
+            enforce(self.model, self.optimizer)
+
     def _finish(self) -> None:
+        engine_state(self.model).remove_listener(self._on_structure)
         engine_state(self.model).remove_listener(self._on_event)
         for f in self._files.values():
             f.close()
@@ -380,7 +414,7 @@ class Trainer:
                     yb = y[i : i + self.eval_batch_size].to(self.device, non_blocking=True)
                     out = self.model(xb)
                     total += self.loss_fn(out, yb).double() * xb.shape[0]
-                    classify = classify and out.ndim == yb.ndim + 1 and out.ndim >= 2
+                    classify = classify and isinstance(out, Tensor) and out.ndim == yb.ndim + 1 >= 2
                     if classify:
                         correct += (out.argmax(dim=1) == yb).sum()
                         labels += yb.numel()

@@ -314,6 +314,9 @@ class DeepR(Rewirer):
         return _ops.gumbel_scores(grad, self.temperature, engine_state(self.model).generator)
 
     # ----------------------------------------------------------------- bellec variant
+    def _first_update(self) -> int:
+        return super()._first_update() if self.variant == "design" else 1  # every step
+
     def is_update_step(self, step: int) -> bool:
         if self.variant == "design":
             return super().is_update_step(step)

@@ -55,7 +55,8 @@ if TYPE_CHECKING:
 
 __all__ = ["IdleScheduleWarning", "Layer", "Rewirer"]
 
-_STATE_KEYS = {"algorithm", "step", "t_end", "grads", "active", "extra", "layers"}
+_STATE_KEYS = {"algorithm", "step", "t_end", "grads", "active", "extra", "layers", "generator"}
+_NEWER_KEYS = {"layers": None, "generator": None}  # absent from states of older versions
 
 
 class IdleScheduleWarning(UserWarning):
@@ -152,15 +153,9 @@ class Rewirer(Callback):
         check_choice("distribution", distribution, DISTRIBUTIONS)
         check_choice("regrow_init", regrow_init, _ops.GROW_INITS)
         self.schedule = Schedule(delta_t, t_end, drop_fraction, anneal)
-        if self.rewires and t_end is not None and t_end <= self.schedule.delta_t:
-            warnings.warn(
-                f"{type(self).__name__}: t_end={t_end} is not after the first update (step "
-                f"delta_t={delta_t}), so the mask will never change; give t_end > delta_t, a "
-                "smaller delta_t, or use Static for a fixed mask",
-                IdleScheduleWarning,
-                stacklevel=2,
-            )
         self._user_t_end = t_end
+        if t_end is not None:
+            self._warn_if_idle(t_end, stacklevel=2)
         self.model, self.optimizer, self.regrow_init = model, optimizer, regrow_init
         self._validate()
         sparse = is_sparse(model)
@@ -312,8 +307,11 @@ class Rewirer(Callback):
 
         Call after ``loss.backward()`` when ``step()`` cannot read them after
         ``optimizer.step()`` (e.g. gradients are zeroed in between). Cheap to skip on steps
-        that feed no update; as a callback it is called automatically."""
-        self._capture(self._step + 1)
+        that feed no update (a call on such a step does nothing: the gradients of the last
+        ``grad_accumulation`` steps before an update feed it, whoever captures them); as a
+        callback it is called automatically."""
+        if self._capture_due(self._step + 1):
+            self._capture(self._step + 1)
 
     def _capture(self, step: int) -> None:
         grads = {x.name: x.weight.grad for x in self.layers()}
@@ -339,6 +337,23 @@ class Rewirer(Callback):
         return torch.zeros_like(layer.weight) if found is None else found
 
     # ---------------------------------------------------------------------------- loop
+    def _first_update(self) -> int:
+        """The step of the first scheduled update."""
+        return self.schedule.delta_t
+
+    def _warn_if_idle(self, t_end: int, stacklevel: int = 2) -> None:
+        """Warn when a schedule ending at ``t_end`` never updates the mask."""
+        first, delta_t = self._first_update(), self.schedule.delta_t
+        at, bound = (f"delta_t={delta_t}", "delta_t") if first == delta_t else (first, first)
+        if self.rewires and t_end <= first:
+            warnings.warn(
+                f"{type(self).__name__}: t_end={t_end} is not after the first update (step "
+                f"{at}), so the mask will never change; give t_end > {bound}, a smaller "
+                "delta_t, or use Static for a fixed mask",
+                IdleScheduleWarning,
+                stacklevel=stacklevel + 1,  # + this method
+            )
+
     def on_fit_start(self, trainer: Trainer) -> None:
         for what, mine, theirs in (
             ("model", self.model, trainer.model),
@@ -354,6 +369,8 @@ class Rewirer(Callback):
             if trainer.max_steps is not None:
                 horizon = min(horizon, trainer.max_steps)
             self.schedule.t_end = max(1, horizon)
+            if trainer.step == 0:  # t_end=None: rewire until training ends, which is this
+                self._warn_if_idle(self.schedule.t_end, stacklevel=4)
         self._step = trainer.step
 
     def on_after_backward(self, trainer: Trainer) -> None:
@@ -490,12 +507,15 @@ class Rewirer(Callback):
             "active": {n: t.clone() for n, t in self._active.items()},
             "extra": self._extra_state(),
             "layers": self.layer_names,
+            # the engine generator draws random regrowth: without it a resume from these
+            # states alone (not through dynarch.save/load) would regrow elsewhere
+            "generator": engine_state(self.model).generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (exact resume)."""
-        if isinstance(state, dict) and set(state) == _STATE_KEYS - {"layers"}:  # older state
-            state = {**state, "layers": None}
+        if isinstance(state, dict) and set(state) < _STATE_KEYS <= set(state) | set(_NEWER_KEYS):
+            state = {**_NEWER_KEYS, **state}  # a state of an older version
         check_state(type(self).__name__, state, _STATE_KEYS)
         if state["algorithm"] != self.name:
             raise ValueError(
@@ -510,6 +530,8 @@ class Rewirer(Callback):
         self._load_extra(state["extra"])
         if state["layers"] is not None:
             self._adopt_layers(list(state["layers"]))
+        if state["generator"] is not None:
+            engine_state(self.model).generator.set_state(state["generator"].cpu())
 
     def _adopt_layers(self, names: list[str]) -> None:
         """Rewire exactly the masked layers ``names`` (a saved state's), from now on."""

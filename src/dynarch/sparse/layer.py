@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._engine import engine_state, transaction
+from .._engine import engine_state, set_seed, transaction
 from ..budgets import check_choice, check_density
 from ..events import Event
 from ..masks import CLEAN, MASK, check_held, get_enforcer, mark_clean
@@ -37,6 +37,22 @@ OWNER = "_dynarch_owner"  # weakref to the model a Trainer trains this layer in
 __all__ = ["DynamicSparseLinear"]
 
 METHODS = ("set", "deep_r")
+
+
+@torch.compiler.disable
+def _rezero(layer: DynamicSparseLinear) -> None:
+    """Zero ``layer``'s masked weights if the weight changed since they were last known zero.
+
+    Kept out of ``torch.compile`` (a guard on the weight's version counter would recompile
+    at every step) and reads the tensors from the module's dicts, so ``torch.fx`` traces the
+    forward as the plain ``F.linear`` it is.
+    """
+    weight = layer._parameters["weight"]
+    assert weight is not None
+    if weight._version != layer.__dict__.get(CLEAN):
+        with torch.no_grad():
+            weight.mul_(layer.mask)
+        mark_clean(layer)
 
 
 class DynamicSparseLinear(torch.nn.Linear):
@@ -50,13 +66,16 @@ class DynamicSparseLinear(torch.nn.Linear):
     Rewiring records a ``"rewire"`` event and draws from an engine generator: the model's
     when the layer is trained by a :class:`~dynarch.train.Trainer` or ``model=`` is given
     to :meth:`rewire` (the event is then in the model's history and run directory), else
-    the layer's own (``dynarch.set_seed(layer, seed)``).
+    the layer's own, seeded from the global RNG when the layer is built (reseed it with
+    ``dynarch.set_seed(layer, seed)``).
 
     Example:
         >>> layer = DynamicSparseLinear(4, 3, density=0.5, bias=False)
         >>> int(layer.weight_mask.sum()), layer.get_sparsity()
         (6, 0.5)
     """
+
+    _dynarch_leaf = True  # traced as the Linear it is (dynarch.graph.LEAF)
 
     def __init__(
         self,
@@ -77,6 +96,9 @@ class DynamicSparseLinear(torch.nn.Linear):
         with torch.no_grad():
             self.weight.mul_(self.mask)
         mark_clean(self)
+        # the layer's own generator (for rewires outside a model): seeded from the global
+        # RNG too, so two layers never draw the same regrowth
+        set_seed(self, int(torch.randint(0, 2**62, ())))
         self.stored_grad: Tensor | None = None
 
     @property
@@ -87,10 +109,7 @@ class DynamicSparseLinear(torch.nn.Linear):
         return mask
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.weight._version != self.__dict__.get(CLEAN):
-            with torch.no_grad():
-                self.weight.mul_(self.mask)
-            mark_clean(self)
+        _rezero(self)
         return F.linear(input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
