@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +253,35 @@ def test_checkpoints_keep_modules_a_container_holds_twice() -> None:
     ck = dynarch.load(dynarch.save(tempfile.mkdtemp() + "/ck", model))
     torch.testing.assert_close(ck.model(x), model(x), rtol=0, atol=0)
     assert ck.model[1] is ck.model[3] and ck.model[2] is ck.model[4]
+
+
+def test_a_config_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    from dynarch.config import ConfigError, load_config
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("data:\n  name: mnist1d\ntrain:\n  epochs: 2\ndata:\n  n_train: 200\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML at line 5, column 1: key 'data' "
+                       r"is given twice in one mapping \(the first would be ignored\); merge "
+                       r"the two"):  # fmt: skip
+        load_config(path)
+
+
+def test_grow_on_plateau_refuses_an_unknown_init_when_built() -> None:
+    from dynarch.callbacks import GrowOnPlateau
+
+    with pytest.raises(ValueError, match=r"unknown init 'net2nett' for widen; allowed: net2net, "
+                       r"zero, random"):  # fmt: skip
+        GrowOnPlateau(["0"], init="net2nett")
+
+
+def test_frozen_layers_are_named_as_frozen() -> None:
+    model = _mlp()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    frozen = (
+        r"magnitude pruning: the optimizer does not hold the weights of layers \['0'\]: they "
+        r"are frozen \(requires_grad=False\), so no optimizer step changes them; leave them out "
+        r"with exclude=\['0'\]"
+    )
+    with pytest.raises(ValueError, match=frozen):
+        magnitude_prune(model, 0.5, optimizer=opt, include=["0"])

@@ -664,7 +664,7 @@ def test_grow_on_plateau_checks_targets_at_fit_start() -> None:
         (["0"], {"max_width": 0}, "max_width must be None or a positive int, got 0"),
         (["0"], {"max_events": 1.5}, "max_events must be None or a positive int, got 1.5"),
         (["0"], {"cooldown": -1}, r"cooldown must be an int >= 0 \(evaluations\), got -1"),
-        (["0"], {"init": ""}, "init must be a widen init name such as 'net2net', got ''"),
+        (["0"], {"init": ""}, "unknown init '' for widen; allowed: net2net, zero, random"),
         (["0"], {"noise": -0.1}, "noise must be a finite number >= 0, got -0.1"),
         (["0"], {"mode": "low"}, "mode must be 'min' or 'max', got 'low'"),
         (["0"], {"patience": 0}, "patience must be a positive int, got 0"),

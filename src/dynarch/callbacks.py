@@ -272,8 +272,10 @@ class GrowOnPlateau(Callback):
                 raise ValueError(f"{arg} must be None or a positive int, got {value!r}")
         if not isinstance(cooldown, int) or isinstance(cooldown, bool) or cooldown < 0:
             raise ValueError(f"cooldown must be an int >= 0 (evaluations), got {cooldown!r}")
-        if not isinstance(init, str) or not init:
-            raise ValueError(f"init must be a widen init name such as 'net2net', got {init!r}")
+        from .surgery import INITS
+
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r} for widen; allowed: {', '.join(INITS)}")
         if not isinstance(noise, int | float) or not math.isfinite(noise) or noise < 0:
             raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
         check_mode(mode)

@@ -315,7 +315,12 @@ def ladder(
     "--methods", default=",".join(RESCUE_METHODS), show_default=True, metavar="M1,M2,...",
     help="Which of dense, static, set, patches, tournament, widen to run (dense is required).",
 )  # fmt: skip
-@click.option("--density", default=0.01, show_default=True, help="Scaffold density (ERK).")
+@click.option(
+    "--density",
+    default=0.01,
+    show_default=True,
+    help="Scaffold density (distributed as the config's sparsity.distribution says).",
+)
 @click.option(
     "--budget", default=0.05, show_default=True,
     help="Growth cap: active parameters as a fraction of the dense model's.",

@@ -265,6 +265,13 @@ def check_held(
     check_optimizer(optimizer)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     missing = [n for n, m in layers.items() if id(m.weight) not in held]
+    frozen = [n for n in missing if not layers[n].weight.requires_grad]
+    if frozen and frozen == missing and (every or len(missing) == len(layers)):
+        raise ValueError(
+            f"{owner}: the optimizer does not hold the weights of layers {frozen}: they are "
+            "frozen (requires_grad=False), so no optimizer step changes them; leave them out "
+            f"with exclude={frozen}"
+        )
     if missing and (every or len(missing) == len(layers)):
         raise ValueError(
             f"{owner}: the optimizer does not hold the weights of layers {missing}; build it "
