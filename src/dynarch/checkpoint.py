@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -50,7 +51,7 @@ from .rng import capture_rng, restore_rng
 from .slots.topology import SlotTopology, register_topology, topology_of
 from .spec import build, class_path, describe_model
 
-__all__ = ["Checkpoint", "CheckpointError", "load", "register_replay", "save"]
+__all__ = ["Checkpoint", "CheckpointError", "load", "recover", "register_replay", "save"]
 
 FORMAT = "dynarch-checkpoint"
 VERSION = 1
@@ -138,7 +139,9 @@ def save(
 
     ``state`` holds extra values (tensors, numbers, strings, lists, dicts) returned by
     :func:`load` as ``.state``; RNG states and the engine's step and generator are saved too.
-    An existing checkpoint at ``path`` is replaced only once the new one is complete.
+    An existing checkpoint at ``path`` is replaced only once the new one is complete; an
+    interruption between the renames leaves a complete one that :func:`load` recovers
+    (:func:`recover`). Leftovers of earlier interrupted saves are removed.
     """
     for key, value in state.items():
         _check_state_values(value, key)
@@ -148,6 +151,7 @@ def save(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    old = None
     try:
         tensors: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
@@ -187,18 +191,73 @@ def save(
             arch["slots"] = topology.state_dict()
         _fsync_write(tmp / "arch.json", json.dumps(arch, indent=1).encode())
         _fsync_dir(tmp)
-        old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            # interrupted between the renames: the new checkpoint is complete, so put it in
+            # place (never delete it); should that fail too, load() recovers it
+            with contextlib.suppress(OSError):
+                os.replace(tmp, path)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_leftovers(path)
     return path
+
+
+def _leftovers(path: Path) -> list[Path]:
+    """The hidden temporary (``.NAME.tmp-*``) and replaced (``.NAME.old-*``) directories
+    :func:`save` leaves beside ``path`` when it is interrupted."""
+    if not path.parent.is_dir():
+        return []
+    return [
+        p
+        for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*")
+        for p in path.parent.glob(pattern)
+        if p.is_dir()
+    ]
+
+
+def _remove_leftovers(path: Path) -> None:
+    for p in _leftovers(path):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def recover(path: str | os.PathLike[str]) -> bool:
+    """Put back the checkpoint at ``path`` when an interrupted :func:`save` left it only in
+    a hidden ``.NAME.tmp-*``/``.NAME.old-*`` directory beside it: the newest complete one
+    (its ``arch.json``, written last, present and every file matching its digest) is renamed
+    to ``path`` and the other leftovers removed. Returns whether ``path`` holds a checkpoint
+    directory afterwards. :func:`load` calls it.
+
+    Example:
+        >>> import os, tempfile, torch.nn as nn, dynarch
+        >>> root = tempfile.mkdtemp()
+        >>> path = dynarch.save(root + "/ckpt", nn.Linear(2, 2))
+        >>> os.replace(path, root + "/.ckpt.old-0000")  # as if killed between the renames
+        >>> recover(path), sorted(os.listdir(root))
+        (True, ['ckpt'])
+    """
+    path = Path(path)
+    if path.is_dir():
+        return True
+    complete = []
+    for candidate in _leftovers(path):
+        try:
+            _read_arch(candidate)
+        except (CheckpointError, OSError):
+            continue
+        complete.append((candidate.joinpath("arch.json").stat().st_mtime_ns, candidate))
+    if not complete:
+        return False
+    os.replace(max(complete)[1], path)
+    _fsync_dir(path.parent)
+    _remove_leftovers(path)
+    return True
 
 
 def _check_no_lost_events(model: nn.Module) -> None:
@@ -455,6 +514,7 @@ def load(
             not match it. Nothing is partially loaded.
     """
     path = Path(path)
+    recover(path)
     arch = _read_arch(path)
     topology = None
     if "slots" in arch:

@@ -50,7 +50,6 @@ from .report import (
     active_params,
     config_lines,
     mask_counts,
-    read_jsonl,
 )
 from .report import event_rows as event_rows
 from .report import format_table as format_table
@@ -81,6 +80,10 @@ def inspect_run(run_dir: str | Path) -> str:
         )
     if not root.is_dir():
         raise UsageProblem(f"{str(root)!r} is not a run directory: it does not exist")
+    from .checkpoint import load, recover
+    from .models import layer_widths
+
+    recover(root / "checkpoint")  # a save interrupted between its renames
     missing = [name for name in RUN_FILES if not (root / name).exists()]
     kind = next((k for k in ("ladder", "rescue") if (root / f"{k}.json").is_file()), None)
     if missing and kind is not None:  # a directory of runs: point at them
@@ -95,14 +98,11 @@ def inspect_run(run_dir: str | Path) -> str:
             f"{str(root)!r} is not a run directory: missing {', '.join(missing)} "
             "(a run directory is written by `dynarch run`)"
         )
-    from .checkpoint import load
-    from .models import layer_widths
-
-    cfg = validate_config(json.loads((root / "config.json").read_text()), source="config.json")
+    cfg = validate_config(_read_json(root / "config.json"), source="config.json")
     ckpt = load(root / "checkpoint")
     model = ckpt.model
     summary_path = root / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = _read_json(summary_path) if summary_path.exists() else {}
     unfinished = (
         []
         if summary
@@ -112,7 +112,7 @@ def inspect_run(run_dir: str | Path) -> str:
             f"`dynarch resume {root}` continues the run"
         ]
     )
-    metrics = read_jsonl(root / "metrics.jsonl")
+    metrics = _read_lines(root / "metrics.jsonl")
     evals = [m for m in metrics if "val_loss" in m]
     final = evals[-1] if evals else {}
     start = summary.get("widths", {}).get("start")
@@ -144,9 +144,44 @@ def inspect_run(run_dir: str | Path) -> str:
         ),
         *([_stopped_line(stop)] if (stop := summary.get("stopped_early")) else []),
         "",
-        _events_table(event_rows(read_jsonl(root / "events.jsonl"), metrics)),
+        _events_table(event_rows(_read_lines(root / "events.jsonl"), metrics)),
     ]
     return "\n".join(parts)
+
+
+def _damaged(path: Path, exc: ValueError, line: int | None = None) -> UsageProblem:
+    where = f" (line {line})" if line is not None else ""
+    return UsageProblem(f"{str(path)!r} is damaged{where}: {exc}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; a :class:`UsageProblem` naming the file when it is torn
+    or holds something else."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _damaged(path, exc) from None
+    if not isinstance(value, dict):
+        raise UsageProblem(f"{str(path)!r} is damaged: it holds no JSON object")
+    return value
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    """:func:`dynarch.report.read_jsonl`, with a :class:`UsageProblem` naming the file and
+    the line that does not parse."""
+    rows = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _damaged(path, exc, i) from None
+            if not isinstance(row, dict):
+                raise UsageProblem(f"{str(path)!r} is damaged (line {i}): not a JSON object")
+            rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------- click

@@ -353,21 +353,63 @@ def plot_ladder(ladder: Mapping[str, Any], out_png: str | Path) -> Path:
 
 
 def _check_densities(plan: Sequence[LadderRun]) -> None:
-    """Before anything trains: every sparse rung leaves each layer at least one weight."""
+    """Before anything trains: every run ends with an evaluation of its final model
+    (:func:`_check_steps`) and every sparse rung leaves each layer at least one weight."""
     from .models import build_model
     from .policies import check_sparsity
     from .runner import _load_data
 
+    if not plan:
+        return
+    data = _load_data(plan[0].config, progress=False)
+    _check_steps(plan[0].config, len(data.train_y) - plan[0].config.data.n_val)
     sparse = [r for r in plan if r.config.sparsity is not None]
     if not sparse:
         return
-    data = _load_data(sparse[0].config, progress=False)
     try:
         model = build_model(sparse[0].config.model, data.input_shape, data.num_classes)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
     for run in sorted(sparse, key=lambda r: r.density):
         check_sparsity(run.config, model, what=f"--densities: {run.density:g}")
+
+
+def _check_steps(cfg: RunConfig, n_train: int) -> None:
+    """Refuse a ``train.max_steps`` that stops the runs (of ``n_train`` training samples)
+    where no evaluation is taken: mid-epoch, or at the end of an epoch that is not evaluated
+    (``train.eval_every_epochs``). The ladder compares the accuracy of each final model.
+
+    Example:
+        >>> cfg = validate_config({"train": {"epochs": 2, "batch_size": 100, "max_steps": 4}})
+        >>> _check_steps(cfg, 250)
+        Traceback (most recent call last):
+        ...
+        dynarch.config.ConfigError: train.max_steps 4 stops each ladder run mid-epoch (3 steps \
+an epoch), where no evaluation is taken, but the ladder compares the final models' val \
+accuracies; set it to 3 or 6, or remove it (--set train.max_steps=null)
+    """
+    t = cfg.train
+    batches = -(-n_train // t.batch_size)
+    if t.max_steps is None or t.max_steps >= t.epochs * batches:
+        return
+    epochs, rest = divmod(t.max_steps, batches)
+    if rest == 0 and epochs % t.eval_every_epochs == 0:
+        return
+    where = (
+        f"mid-epoch ({batches} steps an epoch)"
+        if rest
+        else f"after epoch {epochs}, which train.eval_every_epochs {t.eval_every_epochs} "
+        "does not evaluate"
+    )
+    every = batches * t.eval_every_epochs
+    fits = sorted({every * k for k in range(1, t.epochs // t.eval_every_epochs + 1)}
+                  | {t.epochs * batches})  # fmt: skip
+    options = [n for n in fits if n < t.max_steps][-1:] + [n for n in fits if n > t.max_steps][:1]
+    raise ConfigError(
+        f"train.max_steps {t.max_steps} stops each ladder run {where}, where no evaluation is "
+        "taken, but the ladder compares the final models' val accuracies; set it to "
+        f"{' or '.join(map(str, options))}, or remove it (--set train.max_steps=null)"
+    )
 
 
 def _execute(run: LadderRun, progress: bool) -> dict[str, Any]:

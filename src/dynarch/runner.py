@@ -13,6 +13,7 @@ saves a resumable checkpoint every N epochs (:class:`EpochCheckpoint`), from whi
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -212,7 +213,7 @@ def resume(
         ...
         dynarch.config.ConfigError: cannot resume '/nonexistent': the directory does not exist
     """
-    from .checkpoint import CheckpointError, load
+    from .checkpoint import CheckpointError, load, recover
     from .config import validate_config
 
     root = Path(run_dir)
@@ -223,9 +224,9 @@ def resume(
         raise ConfigError(f"{what}: the directory does not exist")
     if not (root / "config.json").is_file():
         raise ConfigError(f"{what}: no config.json (give a directory `dynarch run` wrote)")
-    if (root / "summary.json").is_file():
+    if (root / "summary.json").is_file() and _complete_summary(root / "summary.json"):
         raise ConfigError(f"{what}: the run is complete (summary.json exists); nothing to resume")
-    if not (root / "checkpoint").is_dir():
+    if not recover(root / "checkpoint"):  # (a save interrupted between its renames)
         raise ConfigError(
             f"{what}: it has no checkpoint/ (the run stopped before its first one; "
             "set train.checkpoint_every to save them during a run)"
@@ -319,7 +320,7 @@ def _train(
     }  # fmt: skip
     if ck is not None:
         summary["resumed"] = {"epoch": ck.state["trainer"]["epoch"], "step": ck.step}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if plots and summary["density"]:
         from .plots import MaskSnapshots, write_run_plots
 
@@ -329,6 +330,38 @@ def _train(
         write_run_plots(run_dir)
     echo(summary_text(summary))
     return summary
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one,
+    never a torn one (temporary file, fsync, ``os.replace``).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "summary.json"
+        >>> write_atomic(path, "{}\\n")
+        >>> path.read_text(), [p.name for p in path.parent.iterdir()]
+        ('{}\\n', ['summary.json'])
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _complete_summary(path: Path) -> bool:
+    """Whether ``summary.json`` is whole (a JSON object); one torn by an interrupted write
+    (before writes were atomic) does not mark the run complete."""
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def idle_settings(cfg: RunConfig, batches: int) -> list[str]:
