@@ -19,6 +19,7 @@ from ..remap import out_units
 from ..triggers import AnyOf, CreditEconomy, Trigger, check_state, make_trigger
 from .actions import Action, as_action, prices_layers
 from .embargo import Embargo
+from .pricing import counts_dense, counts_flops, fits, price
 
 if TYPE_CHECKING:
     from ..train import Trainer
@@ -37,46 +38,12 @@ def _check_budget(owner: str, budget: object, *, economy: bool = False) -> None:
             f"{owner}: budget must have a method can_grow(model, n_params) -> bool "
             f"(e.g. dynarch.triggers.Budget){also}, got {type(budget).__name__}"
         )
-    if _counts_flops(budget) and not callable(getattr(budget, "positions", None)):
+    if counts_flops(budget) and not callable(getattr(budget, "positions", None)):
         raise TypeError(
             f"{owner}: a budget with max_flops must have a method positions(model) -> "
             "{layer: positions} to price growth in multiply-adds (e.g. dynarch.triggers.Budget), "
             f"got {type(budget).__name__}"
         )
-
-
-def _counts_flops(budget: object) -> bool:
-    """Whether ``budget`` limits multiply-adds (a ``max_flops`` that is not None)."""
-    return budget is not None and getattr(budget, "max_flops", None) is not None
-
-
-def _counts_dense(budget: object) -> bool:
-    """Whether ``budget`` counts masked-off weights too (``count_masked=True``)."""
-    return budget is not None and getattr(budget, "count_masked", False) is True
-
-
-def _price(action: Action, model: nn.Module, target: str, budget: Any) -> tuple[int, int]:
-    """``(parameters, multiply-adds)`` the change at ``target`` adds, as ``budget`` counts
-    them: :meth:`Action.cost`, or from :meth:`Action.weights_added` when the budget counts
-    FLOPs (each added weight times the positions its layer is applied at, from
-    ``budget.positions(model)``) or masked-off weights (``count_masked=True``)."""
-    flops, dense = _counts_flops(budget), _counts_dense(budget)
-    if not (flops or dense):
-        return action.cost(model, target), 0
-    weights, others = action.weights_added(model, target, dense=dense)
-    params = sum(weights.values()) + others if dense else action.cost(model, target)
-    if not flops:
-        return params, 0
-    positions = budget.positions(model)
-    return params, sum(positions.get(name, 0) * n for name, n in weights.items())
-
-
-def _fits(budget: Any, model: nn.Module, params: int, flops: int) -> bool:
-    """``budget.can_grow`` for ``params`` more parameters (and ``flops`` more multiply-adds
-    when it counts them)."""
-    if _counts_flops(budget):
-        return bool(budget.can_grow(model, params, flops=flops))
-    return bool(budget.can_grow(model, params))
 
 
 def economies_in(*sources: object) -> list[CreditEconomy]:
@@ -139,8 +106,8 @@ def _check_planned(
     kinds = [
         kind
         for kind, used in (
-            ("a FLOP budget (max_flops)", _counts_flops(budget)),
-            ("a dense budget (count_masked=True)", _counts_dense(budget)),
+            ("a FLOP budget (max_flops)", counts_flops(budget)),
+            ("a dense budget (count_masked=True)", counts_dense(budget)),
         )
         if used
     ]
@@ -230,8 +197,8 @@ def grow_once(
             record["embargoed"].append(target)
             continue
         if budget is not None:
-            cost, flops = _price(action, model, target, budget)
-            if not _fits(budget, model, total + cost, total_flops + flops):
+            cost, flops = price(action, model, target, budget)
+            if not fits(budget, model, total + cost, total_flops + flops):
                 record["over_budget"].append(target)
                 continue
         if economies:

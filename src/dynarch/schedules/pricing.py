@@ -8,13 +8,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from ..graph import ModelGraph, analyse, resolve
 from ..remap import out_units
 
-__all__ = ["widen_cost", "widen_plan"]
+if TYPE_CHECKING:
+    from .actions import Action
+
+__all__ = ["counts_dense", "counts_flops", "fits", "price", "widen_cost", "widen_plan"]
 
 _LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -139,3 +143,37 @@ def widen_plan(
         for p in graph.modules[name].parameters(recurse=False):
             others += p.numel() // p.shape[dim] * extra
     return weights, others
+
+
+def counts_flops(budget: object) -> bool:
+    """Whether ``budget`` limits multiply-adds (a ``max_flops`` that is not None)."""
+    return budget is not None and getattr(budget, "max_flops", None) is not None
+
+
+def counts_dense(budget: object) -> bool:
+    """Whether ``budget`` counts masked-off weights too (``count_masked=True``)."""
+    return budget is not None and getattr(budget, "count_masked", False) is True
+
+
+def price(action: Action, model: nn.Module, target: str, budget: Any) -> tuple[int, int]:
+    """``(parameters, multiply-adds)`` the change at ``target`` adds, as ``budget`` counts
+    them: :meth:`Action.cost`, or from :meth:`Action.weights_added` when the budget counts
+    FLOPs (each added weight times the positions its layer is applied at, from
+    ``budget.positions(model)``) or masked-off weights (``count_masked=True``)."""
+    flops, dense = counts_flops(budget), counts_dense(budget)
+    if not (flops or dense):
+        return action.cost(model, target), 0
+    weights, others = action.weights_added(model, target, dense=dense)
+    params = sum(weights.values()) + others if dense else action.cost(model, target)
+    if not flops:
+        return params, 0
+    positions = budget.positions(model)
+    return params, sum(positions.get(name, 0) * n for name, n in weights.items())
+
+
+def fits(budget: Any, model: nn.Module, params: int, flops: int) -> bool:
+    """``budget.can_grow`` for ``params`` more parameters (and ``flops`` more multiply-adds
+    when it counts them)."""
+    if counts_flops(budget):
+        return bool(budget.can_grow(model, params, flops=flops))
+    return bool(budget.can_grow(model, params))
