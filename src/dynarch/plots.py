@@ -172,15 +172,22 @@ class MaskSnapshots(Callback):
         return files
 
     def state_dict(self) -> dict[str, Any]:
+        """Every snapshot's masks (bool tensors), so a resumed run draws them all."""
         last = max(self.snapshots, default=-1)
         return {"taken": sorted(self.snapshots), "last_step": last,
-                "last": dict(self.snapshots.get(last, {}))}  # fmt: skip
+                "last": dict(self.snapshots.get(last, {})),
+                "masks": {s: dict(m) for s, m in self.snapshots.items()}}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state("MaskSnapshots", state, {"taken", "last_step", "last"})
+        keys = {"taken", "last_step", "last"}
+        if isinstance(state, dict) and "masks" in state:
+            keys.add("masks")  # a state of an older version holds the last snapshot only
+        check_state("MaskSnapshots", state, keys)
         self.snapshots = {int(s): {} for s in state["taken"]}
         if state["last_step"] >= 0:
             self.snapshots[int(state["last_step"])] = dict(state["last"])
+        for s, masks in state.get("masks", {}).items():
+            self.snapshots[int(s)] = dict(masks)
 
 
 # ------------------------------------------------------------------------ event plots
