@@ -19,7 +19,7 @@ from ..graph import ModelGraph, UnsupportedModelError, analyse, resolve
 from ..models import hidden_layer_names
 from ..remap import out_units
 from .actions import Action, register_action
-from .pricing import _widen_counts, widen_cost, widen_plan
+from .pricing import widen_cost, widen_plan
 
 if TYPE_CHECKING:
     from ..train import Trainer
@@ -213,8 +213,8 @@ class WidenAction(Action):
         graph = _graph(model, self._cache)
         width = self.new_width(model, target)
         extra = width - out_units(model.get_submodule(target))
-        weights, _ = _widen_counts(model, target, width, graph, self.init)
-        return weights, extra * len(graph.group(target).producers)
+        weights, _ = widen_plan(model, target, width, graph, self.init)
+        return sum(weights.values()), extra * len(graph.group(target).producers)
 
     def weights_added(
         self, model: nn.Module, target: str, *, dense: bool = False

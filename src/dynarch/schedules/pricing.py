@@ -44,8 +44,8 @@ def widen_cost(
         >>> widen_cost(mlp(8, [16], 3, batchnorm=True), "fc1", 20)  # 4 * (8 + 1 + 2 + 3)
         56
     """
-    weights, others = _widen_counts(model, target, width, graph, init)
-    return weights + others
+    weights, others = widen_plan(model, target, width, graph, init)
+    return sum(weights.values()) + others
 
 
 def _masked_added(mask: Tensor, role: set[str], extra: int, block: int, init: str) -> int:
@@ -71,18 +71,6 @@ def _masked_added(mask: Tensor, role: set[str], extra: int, block: int, init: st
             per_col = max(1, round(density_now * rows_now * per))
         added += extra * block * per_col
     return added
-
-
-def _widen_counts(
-    model: nn.Module,
-    target: str,
-    width: int,
-    graph: ModelGraph | None = None,
-    init: str = "net2net",
-) -> tuple[int, int]:
-    """:func:`widen_cost` split into ``(Linear/Conv2d weights, biases and norm entries)``."""
-    weights, others = widen_plan(model, target, width, graph, init)
-    return sum(weights.values()), others
 
 
 def widen_plan(
