@@ -10,8 +10,12 @@ step time and the measured overall density of the three Linear weights. dynarch'
 distribution="erk", drop_fraction=0.3, anneal="cosine")`` as Trainer callbacks; the peer
 ``rigl-torch`` 0.5.2 runs through :mod:`rigl_torch_peer` (uniform per-layer density, its only
 distribution); ``rigl_uniform`` (not in the default list) is dynarch's RigL with that uniform
-distribution. Topology updates every ``--delta-t`` steps until 75% of training. See
-bench/README.md for the measured results.
+distribution. Topology updates every ``--delta-t`` steps until 75% of training (``--t-end``).
+Two dense-to-sparse methods: ``gmp`` (``dynarch.prune.GradualMagnitudePruning``, cubic
+schedule, global ranking, from ``--gmp-start`` to ``--t-end``) and ``granet`` (the same plus
+a RigL drop-and-regrow after each pruning step). ``--validation N`` scores on the last N
+training samples instead of the test set, for choosing settings. See bench/README.md for
+the measured results.
 
 Cells run in parallel worker processes (spawn, one thread each). Results are written
 atomically after each finished cell; ``--resume`` skips cells already in the JSON.
@@ -19,7 +23,8 @@ atomically after each finished cell; ``--resume`` skips cells already in the JSO
     python bench/dst.py [--epochs 10] [--seeds 3] [--densities 0.1,0.05,0.02,0.01]
         [--methods dense,static,set,deep_r,rigl,snfs,rigl-torch] [--jobs 2]
         [--out bench/results/dst.json] [--resume] [--limit-train N] [--normalize]
-        [--schedule cosine|constant] [--optimizer sgd|adam] [--readme]
+        [--schedule cosine|constant] [--optimizer sgd|adam] [--t-end 0.75] [--gmp-start 0]
+        [--validation N] [--readme]
 """
 
 from __future__ import annotations
@@ -67,10 +72,12 @@ class Config:
     delta_t: int = 100
     drop_fraction: float = 0.3
     t_end_fraction: float = 0.75
+    gmp_start_fraction: float = 0.0
     schedule: str = "cosine"
     normalize: bool = False
     limit_train: int | None = None
     limit_test: int | None = None
+    validation: int | None = None  # hold out the last N training samples; score on them
 
 
 @dataclass(frozen=True)
@@ -111,16 +118,33 @@ class StepTimer:
         self.last = now
 
 
-_DATA: dict[tuple[int | None, int | None, bool], Any] = {}
+_DATA: dict[tuple[int | None, int | None, bool, int | None], Any] = {}
 
 
-def _dataset(limit_train: int | None, limit_test: int | None, normalize: bool = False) -> Any:
-    """Fashion-MNIST (with ``normalize``: standardised by the training pixels' mean and std)."""
-    from dynarch.data import load
+def _dataset(
+    limit_train: int | None,
+    limit_test: int | None,
+    normalize: bool = False,
+    validation: int | None = None,
+) -> Any:
+    """Fashion-MNIST (with ``normalize``: standardised by the training pixels' mean and std).
 
-    key = (limit_train, limit_test, normalize)
+    With ``validation=N`` the last N training samples replace the test set (for choosing
+    settings without looking at the test set) and the rest is the training set.
+    """
+    from dynarch.data import Dataset, load
+
+    key = (limit_train, limit_test, normalize, validation)
     if key not in _DATA:
         data = load("fashion-mnist", progress=False).subset(limit_train, limit_test)
+        if validation is not None:
+            n = len(data.train_y) - validation
+            if n < 2:
+                raise ValueError(f"--validation {validation} leaves {n} training samples")
+            data = Dataset(
+                data.name, data.train_x[:n], data.train_y[:n], data.train_x[n:],
+                data.train_y[n:], data.num_classes, data.input_shape,
+            )  # fmt: skip
         _DATA[key] = data.standardize() if normalize else data
     return _DATA[key]
 
@@ -156,7 +180,7 @@ def run_cell(cell: Cell, config: Config) -> dict[str, Any]:
     from dynarch.callbacks import Callback, LambdaCallback
     from dynarch.train import Trainer
 
-    data = _dataset(config.limit_train, config.limit_test, config.normalize)
+    data = _dataset(config.limit_train, config.limit_test, config.normalize, config.validation)
     model = build_model(cell.seed)
     opt: torch.optim.Optimizer
     if config.optimizer == "adam":
@@ -190,6 +214,42 @@ def run_cell(cell: Cell, config: Config) -> dict[str, Any]:
                 anneal="cosine",
             )
         )
+    elif cell.method in ("gmp", "granet"):
+        from dynarch.prune import GradualMagnitudePruning
+
+        # dense-to-sparse: global magnitude pruning on Zhu & Gupta's cubic schedule from
+        # gmp_start_fraction of training to t_end, every delta_t steps; the rest of
+        # training fine-tunes the final mask
+        callbacks.append(
+            GradualMagnitudePruning(
+                model,
+                opt,
+                1 - cell.density,
+                start_step=int(config.gmp_start_fraction * steps),
+                end_step=t_end,
+                frequency=config.delta_t,
+                scope="global",
+            )
+        )
+        if cell.method == "granet":
+            from dynarch.sparse import make_rewirer
+
+            # GraNet (Liu et al. 2021): the same pruning schedule, and after each pruning
+            # step RigL drops the weakest of the remaining weights and regrows as many
+            # where the dense gradient is largest (masks start dense, density 1.0)
+            set_seed(model, cell.seed)
+            callbacks.append(
+                make_rewirer(
+                    "rigl",
+                    model,
+                    opt,
+                    density=1.0,
+                    delta_t=config.delta_t,
+                    t_end=t_end,
+                    drop_fraction=config.drop_fraction,
+                    anneal="cosine",
+                )
+            )
     elif cell.method == "rigl-torch":
         from rigl_torch_peer import RigLTorchPeer
 
@@ -232,7 +292,8 @@ def run_cell(cell: Cell, config: Config) -> dict[str, Any]:
             if m._buffers.get("weight_mask") is not None
         }
         updates = sum(  # updates that changed the mask (static records empty ones)
-            e.op == "rewire" and any(d.get("dropped", 0) for d in e.details.values())
+            (e.op == "rewire" and any(d.get("dropped", 0) for d in e.details.values()))
+            or (e.op == "prune" and e.details.get("pruned", 0) > 0)
             for e in engine_state(model).history
         )
     times = timer.times or [seconds]
@@ -352,6 +413,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--drop-fraction", type=float, default=0.3)
     p.add_argument(
+        "--t-end", type=float, default=0.75, help="fraction of training where updates stop"
+    )
+    p.add_argument(
+        "--gmp-start", type=float, default=0.0, help="fraction of training where gmp starts"
+    )
+    p.add_argument(
+        "--validation",
+        type=_positive,
+        default=None,
+        help="score on the last N training samples instead of the test set",
+    )
+    p.add_argument(
         "--schedule", choices=("cosine", "constant"), default="cosine", help="learning rate"
     )
     p.add_argument(
@@ -379,12 +452,20 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr if args.lr is not None else (0.05 if args.optimizer == "sgd" else 1e-3),
         weight_decay=args.weight_decay,
         drop_fraction=args.drop_fraction,
+        t_end_fraction=args.t_end,
+        gmp_start_fraction=args.gmp_start,
         delta_t=args.delta_t,
         schedule=args.schedule,
         normalize=args.normalize,
         limit_train=args.limit_train,
         limit_test=args.limit_test,
+        validation=args.validation,
     )
+    if not 0 <= config.gmp_start_fraction < config.t_end_fraction <= 1:
+        raise SystemExit(
+            f"need 0 <= --gmp-start < --t-end <= 1, got {config.gmp_start_fraction} and "
+            f"{config.t_end_fraction}"
+        )
     command = shlex.join(["python", "bench/dst.py", *argv])
     results = _resumed(args.out, config) if args.resume else []
     done = {_key(r["method"], r["density"], r["seed"]) for r in results}

@@ -53,9 +53,11 @@ def test_tables_and_checks_from_a_payload() -> None:
         _row("static", 0.05, 0, 0.86), _row("static", 0.05, 1, 0.86),
         _row("rigl", 0.05, 0, 0.89, 2.0), _row("rigl", 0.05, 1, 0.89, 2.0),
         _row("rigl-torch", 0.05, 0, 0.88, 3.0), _row("rigl-torch", 0.05, 1, 0.88, 3.0),
+        _row("gmp", 0.05, 0, 0.885), _row("gmp", 0.05, 1, 0.885),
     ]}  # fmt: skip
     assert dst_report.checks(payload) == [
-        "5%: best dynarch (rigl) is 0.00 points below dense (target <= 0.3): met",
+        "5%: best dynarch sparse training (rigl) is 0.00 points below dense (target <= 0.3): met",
+        "5%: best dynarch dense-to-sparse (gmp) is 0.50 points below dense (target <= 0.3): MISSED",
         "5%: rigl - static = +3.00 points: met",
         "5%: rigl vs rigl-torch: +1.00 points, step 2.00 vs 3.00 ms: met",
     ]
@@ -63,6 +65,7 @@ def test_tables_and_checks_from_a_payload() -> None:
     assert "| dense | 89.00 ± 1.41 |" in table
     assert "| rigl-torch | 88.00 ± 0.00 |" in table
     assert "| rigl | 2.00 |" in table
+    assert "| gmp | 88.50 ± 0.00 |" in table
 
 
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:
@@ -75,7 +78,7 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
 
 def test_tiny_grid_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "dst.json"
-    methods = "dense,static,set" + (",rigl-torch" if PEER else "")
+    methods = "dense,static,set,gmp,granet" + (",rigl-torch" if PEER else "")
     args = ["--limit-train", "512", "--limit-test", "500", "--epochs", "1", "--seeds", "1",
             "--densities", "0.1", "--methods", methods, "--delta-t", "2", "--jobs", "1",
             "--out", str(out)]  # fmt: skip
@@ -87,7 +90,8 @@ def test_tiny_grid_end_to_end(tmp_path: Path) -> None:
     assert payload["command"] == "python bench/dst.py " + " ".join(args)
     rows = payload["results"]
     assert [(r["method"], r["density"], r["seed"]) for r in rows] == [
-        ("dense", 1.0, 0), ("static", 0.1, 0), ("set", 0.1, 0),
+        ("dense", 1.0, 0), ("static", 0.1, 0), ("set", 0.1, 0), ("gmp", 0.1, 0),
+        ("granet", 0.1, 0),
     ] + ([("rigl-torch", 0.1, 0)] if PEER else [])  # fmt: skip
     for r in rows:
         assert set(r) == ROW_KEYS
@@ -98,6 +102,9 @@ def test_tiny_grid_end_to_end(tmp_path: Path) -> None:
     assert [r["density_measured"] for r in rows[1:]] == [0.1] * (len(rows) - 1)
     assert rows[1]["updates"] == 0  # static
     assert rows[2]["updates"] == 1  # set: 4 steps, t_end 3, an update at step 2
+    # gmp: dense until pruned at steps 2 (delta_t) and 3 (t_end, always pruned) to 10%
+    assert rows[3]["updates"] == 2 and rows[3]["nonzero_density"] <= 0.1
+    assert rows[4]["updates"] == 3  # granet: the same two prunings and a RigL update at 2
     assert "| set | " in run.stdout and "| dense | " in run.stdout
     # --resume with everything done runs nothing and keeps the results
     assert dst.main([*args, "--resume"]) == 0
@@ -115,3 +122,20 @@ def test_normalize_and_schedule_options() -> None:
     assert torch.equal(std.test_x, raw.standardize().test_x)
     assert dst._dataset(256, 100, normalize=True) is std  # cached per setting
     assert dst.Config(epochs=1).normalize is False and dst.Config(epochs=1).schedule == "cosine"
+
+
+def test_validation_split_scores_on_held_out_training_samples() -> None:
+    raw = dst._dataset(300, 100)
+    val = dst._dataset(300, 100, validation=50)
+    assert torch.equal(val.train_x, raw.train_x[:250]) and torch.equal(
+        val.test_y, raw.train_y[250:]
+    )
+    std = dst._dataset(300, 100, normalize=True, validation=50)
+    assert torch.equal(std.train_x, val.standardize().train_x)  # statistics of the 250 only
+    with pytest.raises(ValueError, match="--validation 299 leaves 1 training samples"):
+        dst._dataset(300, 100, validation=299)
+
+
+def test_gmp_window_is_checked() -> None:
+    with pytest.raises(SystemExit, match=r"need 0 <= --gmp-start < --t-end <= 1, got 0.8 and 0.75"):
+        dst.main(["--methods", "gmp", "--gmp-start", "0.8", "--out", "/nonexistent/x.json"])
