@@ -103,6 +103,23 @@ class GradualMagnitudePruning(Callback):
         [False, True, False, True, False, True, False]
         >>> gmp.update(4).details["pruned"]
         44
+
+    GraNet (Liu et al. 2021) is this schedule plus a RigL drop-and-regrow after each pruning
+    step: give both callbacks to the trainer, the pruner first, the rewirer starting dense.
+
+        >>> import dynarch
+        >>> from dynarch.sparse import RigL
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> gmp = GradualMagnitudePruning(model, opt, 0.9, 0, 6, 2, scope="global")
+        >>> rigl = RigL(model, opt, density=1.0, delta_t=2, t_end=6)
+        >>> data = (torch.randn(64, 8), torch.randint(0, 2, (64,)))
+        >>> _ = dynarch.fit(model, opt, data, batch_size=8, max_steps=8, callbacks=[gmp, rigl],
+        ...                 progress=False)
+        >>> [e.op for e in dynarch.engine_state(model).history]
+        ['sparsify', 'prune', 'rewire', 'prune', 'rewire', 'prune']
+        >>> int(model[0].weight_mask.sum() + model[2].weight_mask.sum())  # 10% of 160
+        16
     """
 
     def __init__(
