@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,17 +45,13 @@ from torch import Tensor, nn
 from .._engine import engine_state, transaction
 from .._validate import check_int, check_model, check_optimizer
 from ..activity import Extrema, forward_layers, post_activation, try_analyse
-from ..callbacks import Callback, training_done
 from ..events import Event
 from ..graph import ModelGraph
 from ..masks import MASK
 from ..remap import out_units
-from ..triggers import Plateau, check_state
+from ._tournament_callback import TournamentCallback
 from .candidates import KINDS, Candidate, Economy, active_params, scratch_copy
 from .mi import METHODS, probe_mi
-
-if TYPE_CHECKING:
-    from ..train import Trainer
 
 __all__ = ["Tournament", "TournamentCallback"]
 
@@ -360,74 +356,3 @@ class Tournament:
         assert tx.event is not None
         self.events.append(tx.event)
         return tx.event
-
-
-class TournamentCallback(Callback):
-    """Run a :class:`Tournament` during training: every ``every`` evaluations and/or when
-    ``monitor`` plateaus (``patience`` evaluations without an improvement > ``threshold``);
-    at most ``max_rounds`` growth events. The trainer's optimizer receives the new parameters.
-    Pair it with ``economy.callback()`` so the economy earns from training batches.
-
-    Example:
-        >>> import torch
-        >>> from dynarch.models import mlp
-        >>> model = mlp(4, [8], 2)
-        >>> x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
-        >>> cb = TournamentCallback(Tournament(model, data=(x, y)), every=2)
-    """
-
-    def __init__(
-        self,
-        tournament: Tournament,
-        *,
-        every: int | None = None,
-        monitor: str = "val_loss",
-        mode: str = "min",
-        patience: int | None = None,
-        threshold: float = 0.0,
-        max_rounds: int | None = None,
-    ) -> None:
-        if not isinstance(tournament, Tournament):
-            raise TypeError(f"tournament must be a Tournament, got {type(tournament).__name__}")
-        if every is None and patience is None:
-            raise ValueError("give every=<evaluations> and/or patience=<evaluations> (plateau)")
-        for arg, value in (("every", every), ("max_rounds", max_rounds)):
-            if value is not None:
-                check_int(arg, value, 1)
-        self.plateau = None if patience is None else Plateau(patience, threshold, mode)
-        self.tournament, self.every, self.monitor = tournament, every, monitor
-        self.max_rounds = max_rounds
-        self.evaluations = 0
-        self.rounds = 0
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        if trainer.model is not self.tournament.model:
-            raise ValueError("the tournament was built for another model than the trainer's")
-
-    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        self.evaluations += 1
-        if self.max_rounds is not None and self.rounds >= self.max_rounds:
-            return
-        due = self.every is not None and self.evaluations % self.every == 0
-        if self.plateau is not None:
-            if self.monitor not in metrics:
-                raise ValueError(
-                    f"TournamentCallback monitors {self.monitor!r} but the evaluation produced "
-                    f"{sorted(metrics)}; set monitor= to one of those"
-                )
-            due = self.plateau.update(metrics[self.monitor]) or due
-        if due and not training_done(trainer):  # after the last step nothing would train it
-            if self.tournament.run(trainer.optimizer) is not None:
-                self.rounds += 1
-            if self.plateau is not None:
-                self.plateau.reset()
-
-    def state_dict(self) -> dict[str, Any]:
-        plateau = None if self.plateau is None else self.plateau.state_dict()
-        return {"evaluations": self.evaluations, "rounds": self.rounds, "plateau": plateau}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state("TournamentCallback", state, {"evaluations", "rounds", "plateau"})
-        self.evaluations, self.rounds = int(state["evaluations"]), int(state["rounds"])
-        if self.plateau is not None and state["plateau"] is not None:
-            self.plateau.load_state_dict(state["plateau"])

@@ -16,34 +16,16 @@ from torch import nn
 from ..callbacks import Callback, _monitored, training_done
 from ..events import Event
 from ..remap import out_units
-from ..triggers import AnyOf, CreditEconomy, Trigger, check_state, make_trigger
-from .actions import Action, as_action, prices_layers
+from ..triggers import AnyOf, CreditEconomy, Trigger, check_state
+from ._grow_checks import _check_budget, _check_embargo, _check_fit, _check_planned, _trigger
+from .actions import Action, as_action
 from .embargo import Embargo
-from .pricing import counts_dense, counts_flops, fits, price
+from .pricing import fits, price
 
 if TYPE_CHECKING:
     from ..train import Trainer
 
 __all__ = ["GrowAsNeeded", "economies_in", "grow_once"]
-
-
-def _check_budget(owner: str, budget: object, *, economy: bool = False) -> None:
-    """Raise unless ``budget`` is None or has a callable ``can_grow(model, n_params)`` (or,
-    with ``economy``, is a :class:`~dynarch.triggers.CreditEconomy`)."""
-    if economy and isinstance(budget, CreditEconomy):
-        return
-    if budget is not None and not callable(getattr(budget, "can_grow", None)):
-        also = " or be a dynarch.triggers.CreditEconomy" if economy else ""
-        raise TypeError(
-            f"{owner}: budget must have a method can_grow(model, n_params) -> bool "
-            f"(e.g. dynarch.triggers.Budget){also}, got {type(budget).__name__}"
-        )
-    if counts_flops(budget) and not callable(getattr(budget, "positions", None)):
-        raise TypeError(
-            f"{owner}: a budget with max_flops must have a method positions(model) -> "
-            "{layer: positions} to price growth in multiply-adds (e.g. dynarch.triggers.Budget), "
-            f"got {type(budget).__name__}"
-        )
 
 
 def economies_in(*sources: object) -> list[CreditEconomy]:
@@ -80,53 +62,6 @@ def _priced_units(economy: CreditEconomy, units: int) -> int:
     """Units an economy charges: none when it prices a unit by its connections (as in
     :class:`~dynarch.growth.Tournament`)."""
     return units if economy.cost_per_unit is not None else 0
-
-
-def _check_embargo(owner: str, embargo: object) -> None:
-    """Raise unless ``embargo`` is None or an :class:`Embargo`."""
-    if embargo is not None and not isinstance(embargo, Embargo):
-        raise TypeError(
-            f"{owner}: embargo must be a dynarch.schedules.Embargo, got {type(embargo).__name__}"
-        )
-
-
-def _check_planned(
-    owner: str, action: Action, budget: object, embargo: object, economy: bool = False
-) -> None:
-    """A budget, an embargo or a credit economy needs an action that names its targets and
-    cost."""
-    checks = (("budget", budget), ("embargo", embargo), ("a credit economy", economy or None))
-    used = [name for name, v in checks if v is not None]
-    if used and not action.planned:
-        raise ValueError(
-            f"{owner}: {' and '.join(used)} need{'s' if len(used) == 1 else ''} an action that "
-            "names its targets and cost (a dynarch.schedules.Action such as 'widen'); a plain "
-            "function cannot be checked"
-        )
-    kinds = [
-        kind
-        for kind, used in (
-            ("a FLOP budget (max_flops)", counts_flops(budget)),
-            ("a dense budget (count_masked=True)", counts_dense(budget)),
-        )
-        if used
-    ]
-    if kinds and not prices_layers(action):
-        raise ValueError(
-            f"{owner}: {' and '.join(kinds)} needs an action that says which layers it grows "
-            f"(Action.weights_added, as 'widen' and 'patches' do); {type(action).__name__} "
-            "only prices parameters"
-        )
-
-
-def _check_fit(owner: str, trainer: Trainer, action: Action, embargo: Embargo | None) -> None:
-    """Checks run at fit start: the embargo watches this model; the action fits it."""
-    if embargo is not None and embargo.model is not trainer.model:
-        raise ValueError(
-            f"{owner}: the embargo listens to a different model than the trainer's; "
-            "build it with Embargo(trainer.model, ...)"
-        )
-    action.check(trainer.model)
 
 
 def grow_once(
@@ -232,19 +167,6 @@ def grow_once(
         ]
     record["grown"], record["events"] = chosen, len(events)
     return events, record
-
-
-def _trigger(spec: object) -> Trigger:
-    if isinstance(spec, Trigger):
-        return spec
-    if isinstance(spec, str):
-        return make_trigger(spec)
-    if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
-        return make_trigger(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
-    raise TypeError(
-        "GrowAsNeeded: trigger must be a dynarch.triggers.Trigger (e.g. Plateau(patience=2)), "
-        f"a registered trigger name or a mapping with 'name'; got {spec!r}"
-    )
 
 
 def _trigger_label(trigger: Trigger, fired: bool = False) -> str:
